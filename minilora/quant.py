@@ -1,0 +1,83 @@
+"""NF4 (4-bit NormalFloat) linear layers: the only file that touches bitsandbytes' 4-bit storage.
+
+QLoRA (Dettmers et al., 2023) keeps the frozen base weights in 4 bits:
+- each block of 64 weights is scaled by its absmax into [-1, 1] and snapped to
+  the nearest of 16 NF4 levels (quantiles of a normal distribution, since
+  weights are roughly normal), two codes to a byte;
+- "double quantization" stores the fp32 absmax of each block in 8 bits too,
+  in blocks of 256, saving ~0.37 bits per weight;
+- every matmul dequantizes to the compute dtype (bf16) and runs a normal GEMM,
+  so the 4 bits save memory, not FLOPs.
+
+Storage: 4 bits * N + 8 bits * N/64 + 32 bits * N/(64*256) ~ 4.13 bits/weight,
+against 16 for bf16. bitsandbytes does the packing, here as on the GPU (since
+0.49 its NF4 kernels also run on the CPU, so the tests exercise this real path).
+"""
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbF
+import torch
+import torch.nn as nn
+
+BLOCKSIZE = 64  # weights per absmax block, as in the QLoRA paper and bitsandbytes' default
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer whose weight is stored in 4 bits.
+
+    `weight` holds the packed codes (uint8, two per byte) as a buffer, so it
+    never becomes a trainable parameter; `quant_state` holds the absmax
+    statistics and the 16-entry code book. Forward: y = x @ dequant(W).T + b.
+    """
+
+    def __init__(self, in_features: int, out_features: int, weight: torch.Tensor, quant_state, bias, compute_dtype):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = compute_dtype
+        self.register_buffer("weight", weight)
+        self.quant_state = quant_state
+        self.bias = None if bias is None else nn.Parameter(bias.to(compute_dtype), requires_grad=False)
+
+    @classmethod
+    def from_weight(cls, w: torch.Tensor, bias=None, *, quant_type="nf4", double_quant=True, compute_dtype=torch.bfloat16):
+        """Quantize a dense (out, in) weight on its current device; the dense copy can then be freed."""
+        packed, state = bnbF.quantize_4bit(
+            w.to(compute_dtype), blocksize=BLOCKSIZE, compress_statistics=double_quant, quant_type=quant_type
+        )
+        return cls(w.shape[1], w.shape[0], packed, state, bias, compute_dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        """The (out, in) weight in compute dtype, as the matmul sees it."""
+        return bnbF.dequantize_4bit(self.weight, self.quant_state).to(self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # bitsandbytes dequantizes blockwise into x's dtype and runs one GEMM (or a fused
+        # 4-bit GEMV for single-token decoding); its backward gives x.grad only.
+        return bnb.matmul_4bit(x.to(self.compute_dtype), self.weight.t(), self.quant_state, bias=self.bias)
+
+    def _apply(self, fn, recurse=True):
+        # `.to(device)` moves the buffers; the statistics live outside the tensor tree.
+        super()._apply(fn, recurse)
+        if self.quant_state is not None and self.quant_state.absmax.device != self.weight.device:
+            self.quant_state.to(self.weight.device)
+        return self
+
+    def extra_repr(self) -> str:
+        qs = self.quant_state
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"quant_type={qs.quant_type}, double_quant={qs.nested}, compute_dtype={self.compute_dtype}"
+        )
+
+
+def quantized_bytes(model: nn.Module) -> int:
+    """Bytes held by 4-bit layers (codes plus statistics), for the load report."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, NF4Linear):
+            qs = m.quant_state
+            total += m.weight.numel() * m.weight.element_size() + qs.absmax.numel() * qs.absmax.element_size()
+            if qs.nested:
+                total += qs.state2.absmax.numel() * 4
+    return total

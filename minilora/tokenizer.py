@@ -1,0 +1,110 @@
+"""The tokenizer: `tokenizers` for the ids, jinja2 for the chat template.
+
+Reads what a Hugging Face checkpoint folder ships:
+- `tokenizer.json`: the fast tokenizer (vocab, merges, pre-tokenizer, post-processor);
+- `tokenizer_config.json`: bos/eos/pad token strings, and usually `chat_template`;
+- `chat_template.jinja`: where transformers 5 keeps the template instead.
+
+The chat template is rendered the way transformers' `apply_chat_template`
+does it (a sandboxed jinja2 environment with `trim_blocks`, `lstrip_blocks`,
+`raise_exception`, a non-escaping `tojson`, and the special-token strings as
+variables), so rendered text and ids match; tests/test_tokenizer.py checks it.
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as _FastTokenizer
+
+
+def _token_str(value) -> str | None:
+    """tokenizer_config stores special tokens as a string or as an AddedToken dict."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def _raise(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def compile_chat_template(source: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)
+
+
+class Tokenizer:
+    def __init__(self, folder: str | Path):
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: minilora needs a fast tokenizer (tokenizer.json) in the model folder.")
+        self.folder = folder
+        self.tk = _FastTokenizer.from_file(str(path))
+        cfg_path = folder / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        self.config = cfg
+        self.bos_token = _token_str(cfg.get("bos_token"))
+        self.eos_token = _token_str(cfg.get("eos_token"))
+        self.pad_token = _token_str(cfg.get("pad_token"))
+        self.unk_token = _token_str(cfg.get("unk_token"))
+        template = cfg.get("chat_template")
+        jinja_file = folder / "chat_template.jinja"
+        if template is None and jinja_file.is_file():
+            template = jinja_file.read_text()
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        self.chat_template: str | None = template
+        self._compiled = compile_chat_template(template) if template else None
+
+    # -- ids ---------------------------------------------------------------
+    def token_id(self, token: str | None) -> int | None:
+        return None if token is None else self.tk.token_to_id(token)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.token_id(self.bos_token)
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.token_id(self.eos_token)
+
+    @property
+    def pad_id(self) -> int | None:
+        return self.token_id(self.pad_token)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tk.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Ids as `AutoTokenizer(text)["input_ids"]` gives them (the post-processor may add BOS)."""
+        return self.tk.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    # -- chat ----------------------------------------------------------------
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, **kwargs) -> str:
+        """The rendered conversation text. Tokenize it with `encode(text, add_special_tokens=False)`,
+        as transformers does, because templates write their own BOS."""
+        if self._compiled is None:
+            raise ValueError(
+                f"{self.folder}: this tokenizer has no chat_template (tokenizer_config.json or chat_template.jinja); "
+                "use a plain-text template such as --template alpaca instead."
+            )
+        special = {"bos_token": self.bos_token, "eos_token": self.eos_token,
+                   "pad_token": self.pad_token, "unk_token": self.unk_token}
+        return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **special, **kwargs)
