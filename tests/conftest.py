@@ -1,0 +1,47 @@
+"""Shared test fixtures: the real SmolLM2 checkpoint and tiny random Hugging Face models.
+
+Every reference here is an independent implementation (transformers, peft,
+bitsandbytes, torch); minilora is never compared against itself.
+"""
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from minilora.demo import smollm2_folder
+
+    return smollm2_folder()
+
+
+def tiny_hf_model(folder, kind="llama", seed=0, **overrides):
+    """Save a tiny random transformers model (fp32, safetensors) into `folder` and return it."""
+    import transformers
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+    common.update(overrides)
+    cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[kind]
+    model = cls[1](cls[0](**common)).eval()
+    # transformers initialises biases and norms to 0/1; randomise them so the parity is not trivial
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.normal_(1.0 if "norm" in name else 0.0, 0.1)
+    model.save_pretrained(folder, safe_serialization=True)
+    return model
+
+
+@pytest.fixture
+def tiny_llama(tmp_path):
+    folder = tmp_path / "llama"
+    return folder, tiny_hf_model(folder, "llama")

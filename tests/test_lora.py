@@ -1,0 +1,103 @@
+"""NF4 against bitsandbytes, LoRA against its definition and against peft.
+
+Tolerances: fp32 on the CPU, so 1e-5-level agreement; where a matmul order
+differs (dequantize-then-matmul vs bnb's fused path) we allow 1e-4.
+"""
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbF
+import pytest
+import torch
+
+from conftest import tiny_hf_model
+from minilora.checkpoint import load_model
+from minilora.lora import LoRALinear, apply_lora, count_parameters, describe_trainable
+from minilora.quant import NF4Linear
+
+
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("nf4", False), ("fp4", True)])
+def test_nf4_linear_matches_bitsandbytes_linear4bit(quant_type, double_quant):
+    torch.manual_seed(0)
+    w, b, x = torch.randn(96, 128), torch.randn(96), torch.randn(3, 7, 128)
+    ours = NF4Linear.from_weight(w, b, quant_type=quant_type, double_quant=double_quant, compute_dtype=torch.float32)
+    ref = bnb.nn.Linear4bit(128, 96, bias=True, compute_dtype=torch.float32, quant_type=quant_type,
+                            compress_statistics=double_quant)
+    ref.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type=quant_type, compress_statistics=double_quant,
+                                   blocksize=64)
+    ref.bias = torch.nn.Parameter(b)
+    ref = ref.to("cpu")  # Params4bit quantizes on its first .to()
+    torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-5)
+    # and equals dequantize-then-matmul with bnb's own dequantizer
+    dense = bnbF.dequantize_4bit(ref.weight.data, ref.weight.quant_state)
+    torch.testing.assert_close(ours(x), x @ dense.T + b, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours.dequantize(), dense, atol=0, rtol=0)
+
+
+def test_qlora_equals_lora_over_dequantized_weight():
+    torch.manual_seed(0)
+    w, x = torch.randn(64, 96), torch.randn(4, 96, requires_grad=True)
+    q = LoRALinear(NF4Linear.from_weight(w, compute_dtype=torch.float32), r=8, alpha=16)
+    dense = torch.nn.Linear(96, 64, bias=False)
+    dense.weight.data = q.base_layer.dequantize().clone()
+    d = LoRALinear(dense, r=8, alpha=16)
+    torch.nn.init.normal_(q.lora_B.weight)  # B = 0 would hide the LoRA path
+    d.lora_A.weight.data.copy_(q.lora_A.weight)
+    d.lora_B.weight.data.copy_(q.lora_B.weight)
+    torch.testing.assert_close(q(x), d(x), atol=1e-4, rtol=1e-4)
+    # the gradient reaches A and B through the 4-bit base exactly as through the dense one
+    q(x).square().sum().backward()
+    ga = q.lora_A.weight.grad.clone()
+    q.lora_A.weight.grad = None
+    d(x).square().sum().backward()
+    torch.testing.assert_close(ga, d.lora_A.weight.grad, atol=1e-3, rtol=1e-4)
+
+
+def test_lora_output_is_base_plus_scaled_update():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(32, 16)
+    for rslora, scale in ((False, 24 / 4), (True, 24 / 2)):
+        m = LoRALinear(base, r=4, alpha=24, rslora=rslora)
+        torch.nn.init.normal_(m.lora_B.weight)
+        x = torch.randn(5, 32)
+        want = base(x) + scale * (x @ m.lora_A.weight.T @ m.lora_B.weight.T)
+        torch.testing.assert_close(m(x), want, atol=1e-5, rtol=1e-5)
+        assert m.scale == scale
+
+
+def test_lora_with_b_zero_equals_base_model(tmp_path):
+    tiny_hf_model(tmp_path / "m", "qwen2")
+    ids = torch.randint(0, 128, (2, 12))
+    for quantize in (None, "nf4"):
+        model = load_model(tmp_path / "m", quantize=quantize, progress=False)
+        with torch.no_grad():
+            before = model(ids)
+            apply_lora(model, r=8, alpha=16)
+            torch.testing.assert_close(model(ids), before, atol=0, rtol=0)
+
+
+def test_only_lora_trains_and_counts_match_peft(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    hf = tiny_hf_model(tmp_path / "m", "llama")
+    ours = load_model(tmp_path / "m", quantize=None, progress=False)
+    wrapped = apply_lora(ours, r=8, alpha=16, targets=["q_proj", "v_proj", "down_proj"])
+    assert len(wrapped) == 6
+    assert {n for n, p in ours.named_parameters() if p.requires_grad} == {
+        f"{w}.lora_{ab}.weight" for w in wrapped for ab in "AB"}
+    peft_model = get_peft_model(hf, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]))
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    assert count_parameters(ours) == (trainable, total)
+    assert describe_trainable(ours).startswith(f"trainable params: {trainable:,} || all params: {total:,}")
+
+
+def test_unknown_target_lists_available(tmp_path):
+    tiny_hf_model(tmp_path / "m", "llama")
+    model = load_model(tmp_path / "m", progress=False)
+    with pytest.raises(ValueError, match=r"\['qkv'\] not found.*down_proj, gate_proj, k_proj, o_proj, q_proj"):
+        apply_lora(model, targets=["q_proj", "qkv"])
+
+
+@pytest.mark.parametrize("r", [0, -4])
+def test_bad_rank(tmp_path, r):
+    tiny_hf_model(tmp_path / "m", "llama")
+    with pytest.raises(ValueError, match="positive"):
+        apply_lora(load_model(tmp_path / "m", progress=False), r=r)

@@ -1,0 +1,143 @@
+"""Logits parity with transformers: the model, the loader and the config reader.
+
+Tolerance: fp32 on the CPU; the two implementations order a few reductions
+differently, so logits agree to ~1e-5, far below any real disagreement (a
+wrong RoPE or bias changes logits by >1e-2).
+"""
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import tiny_hf_model
+from minilora.checkpoint import load_model
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+
+
+def logits_both(folder, hf_model, T=48, B=2, seed=0):
+    torch.manual_seed(seed)
+    ids = torch.randint(0, hf_model.config.vocab_size, (B, T))
+    ours = load_model(folder, quantize=None, dtype=torch.float32, progress=False)
+    with torch.no_grad():
+        return ours(ids), hf_model(ids).logits
+
+
+@pytest.mark.parametrize("kind,overrides,T", [
+    ("llama", {}, 48),
+    ("llama", {"rope_scaling": LLAMA3_ROPE, "rope_theta": 500000.0}, 300),  # 300 > 64: scaling matters
+    ("llama", {"attention_bias": True}, 32),
+    ("qwen2", {"tie_word_embeddings": False, "rope_theta": 1e6}, 48),
+    ("qwen2", {"tie_word_embeddings": True}, 48),
+])
+def test_logits_match_transformers(tmp_path, kind, overrides, T):
+    hf = tiny_hf_model(tmp_path / "m", kind, **overrides)
+    ours, ref = logits_both(tmp_path / "m", hf, T=T)
+    torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_llama3_rope_scaling_is_applied(tmp_path):
+    """Guard the guard: without the scaling the logits must differ, or the test above proves nothing."""
+    hf = tiny_hf_model(tmp_path / "m", "llama", rope_scaling=LLAMA3_ROPE, rope_theta=500000.0)
+    cfg = json.loads((tmp_path / "m/config.json").read_text())
+    cfg.pop("rope_scaling", None)
+    cfg.pop("rope_parameters", None)
+    cfg["rope_theta"] = 500000.0
+    (tmp_path / "m/config.json").write_text(json.dumps(cfg))
+    ours, ref = logits_both(tmp_path / "m", hf, T=300)
+    assert (ours - ref).abs().max() > 1e-3
+
+
+def test_smollm2_logits_match_transformers(smollm2):
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    ours, hf = logits_both(smollm2, ref, T=64)
+    torch.testing.assert_close(ours, hf, atol=1e-4, rtol=1e-4)
+
+
+def test_sharded_checkpoint_equals_single_file(tmp_path):
+    hf = tiny_hf_model(tmp_path / "single", "qwen2")
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    assert (tmp_path / "sharded/model.safetensors.index.json").exists()
+    assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 2
+    a = load_model(tmp_path / "single", quantize=None, progress=False).state_dict()
+    b = load_model(tmp_path / "sharded", quantize=None, progress=False).state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
+
+
+def test_nf4_model_equals_transformers_with_bnb_dequantized_weights(tmp_path):
+    """Loading in NF4 quantizes exactly the decoder linears, as bitsandbytes would: the logits equal
+    transformers' model whose linear weights went through bnb's own quantize -> dequantize."""
+    import bitsandbytes.functional as bnbF
+
+    from minilora.quant import NF4Linear
+
+    hf = tiny_hf_model(tmp_path / "m", "qwen2")
+    q = load_model(tmp_path / "m", quantize="nf4", dtype=torch.float32, progress=False)
+    kinds = {type(m).__name__ for n, m in q.named_modules() if n.endswith("_proj")}
+    assert kinds == {"NF4Linear"} and not isinstance(q.lm_head, NF4Linear)
+    with torch.no_grad():
+        for name, m in hf.named_modules():
+            if name.startswith("model.layers.") and isinstance(m, torch.nn.Linear):
+                packed, state = bnbF.quantize_4bit(m.weight, blocksize=64, compress_statistics=True, quant_type="nf4")
+                m.weight.copy_(bnbF.dequantize_4bit(packed, state))
+    ids = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(q(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_folder_without_config(tmp_path):
+    tmp_path.joinpath("empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_model(tmp_path / "empty")
+
+
+def test_unsupported_model_type(tmp_path):
+    tiny_hf_model(tmp_path / "m", "llama")
+    cfg = json.loads((tmp_path / "m/config.json").read_text())
+    cfg["model_type"] = "mistral"
+    (tmp_path / "m/config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="'mistral' is not supported.*llama, qwen2"):
+        load_model(tmp_path / "m")
+
+
+def test_missing_tensor_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tiny_hf_model(tmp_path / "m", "llama")
+    f = tmp_path / "m/model.safetensors"
+    sd = load_file(f)
+    del sd["model.layers.1.mlp.up_proj.weight"]
+    save_file(sd, f)
+    with pytest.raises(KeyError, match="model.layers.1.mlp.up_proj.weight"):
+        load_model(tmp_path / "m", progress=False)
+
+
+def test_mismatched_tensor_is_named(tmp_path):
+    tiny_hf_model(tmp_path / "m", "llama")
+    cfg = json.loads((tmp_path / "m/config.json").read_text())
+    cfg["intermediate_size"] = 100
+    (tmp_path / "m/config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.down_proj.weight.*\(64, 96\).*\(64, 100\)"):
+        load_model(tmp_path / "m", quantize=None, progress=False)
+
+
+def test_unreachable_hub_id_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(RuntimeError, match="offline.*local folder"):
+        load_model("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B")
+
+
+def test_pickle_checkpoint_is_refused(tmp_path):
+    tiny_hf_model(tmp_path / "m", "llama")
+    (tmp_path / "m/model.safetensors").rename(tmp_path / "m/pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="pytorch_model.bin.*pickle"):
+        load_model(tmp_path / "m")
