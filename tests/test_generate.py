@@ -1,0 +1,265 @@
+"""Generation against transformers' `generate` (and peft for adapters) on the real SmolLM2 model.
+
+Greedy decoding is compared token for token. Both sides run in fp32 on the CPU, where the
+logits agree to ~1e-5 (tests/test_model.py); a greedy choice could only flip on a near tie
+smaller than that, which these prompts do not have. Sampling cannot be compared token for token
+(the random streams differ), so its filtering is compared with transformers' logits warpers,
+and the draw itself only has to be reproducible from its seed.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from minilora.checkpoint import adapter_config, load_adapter, load_model, save_adapter
+from minilora.generate import Streamer, filter_logits, generate, model_eos_ids, visible_text
+from minilora.lora import apply_lora
+from minilora.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.",
+             "List three prime numbers and explain why each is prime."]
+
+
+@pytest.fixture(scope="module")
+def tok(smollm2):
+    return Tokenizer(smollm2)
+
+
+@pytest.fixture(scope="module")
+def ours(smollm2):
+    return load_model(smollm2, quantize=None, dtype=torch.float32, progress=False)
+
+
+@pytest.fixture(scope="module")
+def hf(smollm2):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+
+
+def chat_ids(tok, question):
+    text = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+    return tok.encode(text, add_special_tokens=False)
+
+
+def hf_greedy(model, ids, max_new_tokens, eos):
+    """transformers' greedy continuation of one unpadded prompt: new tokens, ending at its first EOS."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=eos[0])
+    new = out[0, len(ids):].tolist()
+    for i, t in enumerate(new):  # transformers pads a finished row; the answer ends at its first EOS
+        if t in eos:
+            return new[: i + 1]
+    return new
+
+
+# ----------------------------------------------------------------------------- greedy parity
+
+
+def test_greedy_matches_transformers(ours, hf, tok):
+    ids = chat_ids(tok, QUESTIONS[1])
+    streamed = []
+    got = generate(ours, [ids], 20, eos_ids=[tok.eos_id], on_token=lambda row, t: streamed.append((row, t)))[0]
+    want = hf_greedy(hf, ids, 20, [tok.eos_id])
+    assert len(want) == 20  # a full-length answer: all 20 steps are compared
+    assert got == want
+    assert streamed == [(0, t) for t in got]
+    assert not ours.training and all(layer.self_attn.cache is None for layer in ours.model.layers)
+
+
+def test_batched_left_padded_equals_unbatched(ours, hf, tok):
+    """Three prompts of different lengths in one left-padded batch give what each gives alone;
+    the first stops at its EOS after a few tokens while the others go on."""
+    prompts = [chat_ids(tok, q) for q in QUESTIONS]
+    assert len({len(p) for p in prompts}) == 3
+    batched = generate(ours, prompts, 20, eos_ids=[tok.eos_id], pad_id=tok.pad_id)
+    for p, got in zip(prompts, batched):
+        assert got == hf_greedy(hf, p, 20, [tok.eos_id])
+        assert got == generate(ours, [p], 20, eos_ids=[tok.eos_id])[0]
+    assert batched[0][-1] == tok.eos_id and len(batched[0]) < 20
+    assert len(batched[1]) == 20
+
+
+def test_padding_value_does_not_matter(ours, tok):
+    """Padded positions are masked: the pad id must not change any output."""
+    prompts = [chat_ids(tok, q) for q in QUESTIONS[:2]]
+    a = generate(ours, prompts, 6, eos_ids=[tok.eos_id], pad_id=0)
+    b = generate(ours, prompts, 6, eos_ids=[tok.eos_id], pad_id=1234)
+    assert a == b
+
+
+def test_stops_at_first_eos_of_several(ours, hf, tok):
+    ids = chat_ids(tok, QUESTIONS[0])
+    full = generate(ours, [ids], 30, eos_ids=[tok.eos_id])[0]
+    assert full == hf_greedy(hf, ids, 30, [tok.eos_id])
+    assert full[-1] == tok.eos_id and len(full) < 30  # stopped by <|im_end|>, not by the limit
+    # Any of several EOS ids ends the answer: make the third answer token an EOS id too.
+    eos = [tok.eos_id, full[2]]
+    cut = generate(ours, [ids], 30, eos_ids=eos)[0]
+    assert cut == hf_greedy(hf, ids, 30, eos)
+    assert cut == full[:3]
+
+
+# ----------------------------------------------------------------------------- with a LoRA adapter
+
+
+def test_adapter_matches_peft(smollm2, tok, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = load_model(smollm2, quantize=None, dtype=torch.float32, progress=False)
+    apply_lora(model, r=8, alpha=16, targets=("q_proj", "v_proj", "o_proj", "up_proj", "down_proj"))
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if ".lora_B." in name:
+            torch.nn.init.normal_(p, std=0.02)  # B = 0 would make the adapter a no-op
+    save_adapter(model, tmp_path / "adapter",
+                 adapter_config(model, str(smollm2), r=8, alpha=16, dropout=0.0, rslora=False))
+
+    ids = chat_ids(tok, QUESTIONS[1])
+    ours = load_model(smollm2, quantize=None, dtype=torch.float32, progress=False)
+    base = generate(ours, [ids], 16, eos_ids=[tok.eos_id])[0]
+    load_adapter(ours, tmp_path / "adapter")
+    got = generate(ours, [ids], 16, eos_ids=[tok.eos_id])[0]
+
+    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32),
+                                    tmp_path / "adapter").eval()
+    assert got == hf_greedy(ref, ids, 16, [tok.eos_id])
+    assert got != base  # the adapter really changed the answer
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.0, 5, 1.0),
+                                                      (1.3, 0, 0.8), (0.8, 20, 0.9), (1.0, 0, 0.01)])
+def test_filtering_matches_transformers_warpers(temperature, top_k, top_p):
+    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 200) * 3
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])  # the order transformers uses
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p < 1:
+        warpers.append(TopPLogitsWarper(top_p))
+    want = warpers(None, logits.clone()).softmax(-1)
+    got = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert ((got > 0).sum(-1) <= (top_k or 200)).all()
+
+
+def test_sampling_is_reproducible_from_its_seed(ours, tok):
+    prompts = [chat_ids(tok, q) for q in QUESTIONS[1:]]
+    kw = dict(eos_ids=[tok.eos_id], temperature=1.0, top_p=0.95)
+    a = generate(ours, prompts, 8, seed=1, **kw)
+    assert a == generate(ours, prompts, 8, seed=1, **kw)
+    others = [generate(ours, prompts, 8, seed=s, **kw) for s in (2, 3)]
+    assert any(o != a for o in others)  # at temperature 1, three seeds agreeing on 16 tokens is ~impossible
+
+
+def test_top_k_1_sampling_is_greedy(ours, hf, tok):
+    ids = chat_ids(tok, QUESTIONS[1])
+    got = generate(ours, [ids], 8, eos_ids=[tok.eos_id], temperature=1.5, top_k=1, seed=0)[0]
+    assert got == hf_greedy(hf, ids, 8, [tok.eos_id])
+
+
+# ----------------------------------------------------------------------------- EOS ids
+
+
+def test_eos_ids_collects_every_source(smollm2, tmp_path):
+    from transformers import AutoTokenizer, GenerationConfig
+
+    for f in ("tokenizer.json", "tokenizer_config.json", "config.json"):
+        shutil.copy(smollm2 / f, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["eos_token_id"] = [2, 0]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 7]}))
+    ids = model_eos_ids(tmp_path, Tokenizer(tmp_path))
+    want = {AutoTokenizer.from_pretrained(tmp_path).eos_token_id, *GenerationConfig.from_pretrained(tmp_path).eos_token_id}
+    assert set(ids) == want | {2, 0} and len(ids) == len(set(ids))  # {2, 0, 7}, no repeats
+    assert ids[0] == 2  # the tokenizer's own eos first (used as the default pad)
+
+
+# ----------------------------------------------------------------------------- streaming text
+
+
+def test_hide_think_streams_only_growing_text():
+    answer = "<think>\nLet me think: 2+2 is 4.\n</think>\n\nThe answer is 4 €."
+    want = "[thinking…]\nThe answer is 4 €."
+    assert visible_text(answer, hide_think=True, final=True) == want
+    assert visible_text(answer, hide_think=False, final=True) == answer
+    # A prompt that opened the section itself (DeepSeek-R1's template ends with "<think>\n").
+    assert visible_text(answer[len("<think>"):], hide_think=True, in_think=True, final=True) == want
+    # Streamed one character at a time (tags split anywhere), the shown text only grows and ends right.
+    for hide, final_text in ((True, want), (False, answer)):
+        shown = ""
+        for i in range(1, len(answer) + 1):
+            v = visible_text(answer[:i], hide_think=hide)
+            assert v.startswith(shown), (answer[:i], shown, v)
+            shown = v
+        assert visible_text(answer, hide_think=hide, final=True) == final_text
+
+
+def test_streamer_prints_multibyte_characters_whole(tok):
+    import io
+
+    text = "Crème brûlée, 東京, emoji 🙂 done."
+    ids = tok.encode(text, add_special_tokens=False)
+    out = io.StringIO()
+    s = Streamer(tok, hide_think=False, in_think=False, out=out)
+    for t in ids:
+        s(0, t)
+        assert "\ufffd" not in out.getvalue()
+    s.finish()
+    assert out.getvalue() == tok.decode(ids) + "\n" == text + "\n"
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def run_cli(*args, timeout=120):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "minilora.generate", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+def test_cli_answers_a_chat_prompt(smollm2):
+    r = run_cli("--model", smollm2, "--prompt", "What is the capital of France?", "--max-new-tokens", 12,
+                "--no-4bit", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    assert "tokens/s" in r.stderr and "tokens/s" not in r.stdout
+
+
+def test_cli_chat_keeps_history(smollm2):
+    """Two turns on stdin, then EOF; the second answer must see the first turn to repeat the word."""
+    r = subprocess.run(
+        [sys.executable, "-m", "minilora.generate", "--model", str(smollm2), "--chat", "--no-4bit", "--device", "cpu",
+         "--max-new-tokens", "12"],
+        input="What is the capital of France?\nWhat city did you just name? Answer with one word.\n",
+        capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    first, second = r.stdout.strip().split("\n", 1)
+    assert "Paris" in first and "Paris" in second
+    assert r.stderr.count("tokens/s") == 2
+
+
+@pytest.mark.parametrize("flag", ["--model", "--adapter"])
+def test_cli_bad_path_is_a_one_line_error(smollm2, tmp_path, flag):
+    args = ["--model", tmp_path / "nope", "--prompt", "hi"] if flag == "--model" else [
+        "--model", smollm2, "--adapter", tmp_path, "--prompt", "hi", "--no-4bit", "--device", "cpu"]
+    r = run_cli(*args)
+    assert r.returncode == 2
+    assert r.stderr.startswith(f"minilora.generate: error: {flag} ")
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.stdout == ""
