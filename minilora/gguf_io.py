@@ -14,6 +14,7 @@ Two conventions of llama.cpp's converter (convert_hf_to_gguf.py) matter:
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ LAYER_NAMES = {
     "self_attn.q_proj.weight": "attn_q.weight", "self_attn.q_proj.bias": "attn_q.bias",
     "self_attn.k_proj.weight": "attn_k.weight", "self_attn.k_proj.bias": "attn_k.bias",
     "self_attn.v_proj.weight": "attn_v.weight", "self_attn.v_proj.bias": "attn_v.bias",
-    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.o_proj.weight": "attn_output.weight", "self_attn.o_proj.bias": "attn_output.bias",
     "post_attention_layernorm.weight": "ffn_norm.weight",
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
@@ -40,8 +41,11 @@ GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.we
 def hf_to_gguf_name(name: str) -> str:
     if name in GLOBAL_NAMES:
         return GLOBAL_NAMES[name]
-    _, _, i, rest = name.split(".", 3)  # model.layers.{i}.{rest}
-    return f"blk.{i}.{LAYER_NAMES[rest]}"
+    parts = name.split(".", 3)  # model.layers.{i}.{rest}
+    if len(parts) != 4 or parts[:2] != ["model", "layers"] or parts[3] not in LAYER_NAMES:
+        raise KeyError(f"tensor {name!r} has no GGUF name here (known: embed_tokens, norm, lm_head and per layer "
+                       f"{', '.join(LAYER_NAMES)}).")
+    return f"blk.{parts[2]}.{LAYER_NAMES[parts[3]]}"
 
 
 def gguf_to_hf_name(name: str) -> str:
@@ -143,3 +147,282 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, dtype=torch.bfloat16)
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
         (tmp / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False))
     return Path(out_dir)
+
+
+# ----------------------------------------------------------------------------- Hugging Face -> GGUF
+
+# The output types: 2-D weights take this type; 1-D tensors (norms, biases) stay f32, as llama.cpp's
+# converter keeps them (they are tiny, and RMSNorm weights lose the most from rounding).
+GGUF_OUT_TYPES = ("f16", "bf16", "q8_0")
+Q8_BLOCK = 32  # q8_0 stores each run of 32 weights as 32 int8 values and one f16 scale: 8.5 bits/weight
+
+# The pre-tokenizer is the regex that splits text before BPE merges run. llama.cpp cannot run the regex
+# in tokenizer.json; it reads a name (`tokenizer.ggml.pre`) and runs its own copy of that regex. A wrong
+# name tokenizes silently differently, so we name only the splits we can recognise exactly.
+# Llama 3 (and DeepSeek-R1-Distill-Llama): numbers in runs of up to 3 digits.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen2 (and DeepSeek-R1-Distill-Qwen, which llama.cpp calls "deepseek-r1-qwen" and runs the same way):
+# every digit alone.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+# llama.cpp's token types (gguf.TokenType): how its tokenizer treats each vocabulary entry.
+NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+
+
+def _safetensors_shards(folder: Path) -> list[Path]:
+    """The shards of a Hugging Face folder (the index's files, or model.safetensors)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json to convert.")
+
+
+def _weights(folder: Path, cfg, *, data: bool):
+    """(HF name, tensor or shape) for every tensor the GGUF holds, in file order, one at a time.
+
+    `data=False` reads only the headers (shapes); both passes see the same order, which the writer needs.
+    RoPE's inv_freq is recomputed by llama.cpp, and a tied lm_head is embed_tokens itself.
+    """
+    from safetensors import safe_open
+
+    for f in _safetensors_shards(folder):
+        with safe_open(str(f), framework="pt", device="cpu") as st:
+            for name in st.keys():
+                if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and cfg.tie_word_embeddings):
+                    continue
+                yield name, (st.get_tensor(name) if data else tuple(st.get_slice(name).get_shape()))
+
+
+def pre_tokenizer_name(tok: dict, source: str = "tokenizer.json") -> str:
+    """llama.cpp's name for the pre-tokenizer of a byte-level BPE `tokenizer.json`.
+
+    llama.cpp's converter hashes the token ids of a probe text to find the name; we read the split
+    itself, which says the same thing and fails loudly on anything unknown.
+    """
+    pt = tok.get("pre_tokenizer") or {}
+    steps = pt.get("pretokenizers", []) if pt.get("type") == "Sequence" else [pt]
+    splits = [s.get("pattern", {}).get("Regex", s.get("pattern", {}).get("String")) for s in steps
+              if s.get("type") == "Split"]
+    digits = any(s.get("type") == "Digits" and s.get("individual_digits") for s in steps)
+    gpt2_regex = any(s.get("type") == "ByteLevel" and s.get("use_regex", True) for s in steps)
+    if splits == [LLAMA3_SPLIT] and not digits and not gpt2_regex:
+        return "llama-bpe"
+    if splits == [QWEN2_SPLIT] and not digits and not gpt2_regex:
+        return "qwen2"
+    if not splits and gpt2_regex:
+        return "smollm" if digits else "gpt-2"  # SmolLM splits digits one by one, then GPT-2's regex
+    raise ValueError(
+        f"{source}: its pre_tokenizer ({json.dumps(pt)[:200]}) is not one minilora can name for llama.cpp; "
+        "supported: Llama 3's split ('llama-bpe'), Qwen2's ('qwen2'), GPT-2's byte-level regex ('gpt-2'), "
+        "SmolLM's digits + GPT-2 ('smollm')."
+    )
+
+
+def _token_str(value) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value  # a string or an AddedToken dict
+
+
+def looks_special(token: str) -> bool:
+    """`<|im_end|>` or DeepSeek's full-width `<｜end▁of▁sentence｜>`: control tokens even when not flagged."""
+    return (token.startswith("<|") and token.endswith("|>")) or (token.startswith("<｜") and token.endswith("｜>"))
+
+
+def gguf_vocab(folder: Path, cfg, hf: dict) -> dict:
+    """The tokenizer as GGUF metadata: tokens by id, their types, merges, special ids, BOS/EOS policy, template.
+
+    GGUF lists exactly `vocab_size` tokens (the embedding's rows). Rows the tokenizer never produces
+    (Qwen2 pads 151665 tokens to 151936 rows) become `[PAD<id>]`, type UNUSED, as llama.cpp writes them.
+    """
+    from tokenizers import Tokenizer
+
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: no tokenizer.json; a GGUF carries its tokenizer, so the folder needs one.")
+    tok = json.loads(path.read_text(encoding="utf-8"))
+    model = tok.get("model", {})
+    if model.get("type") != "BPE" or (tok.get("decoder") or {}).get("type") != "ByteLevel":
+        raise ValueError(f"{path}: only byte-level BPE tokenizers (Llama 3, Qwen2, SmolLM2) are exported to GGUF, "
+                         f"this one is {model.get('type')} with decoder {(tok.get('decoder') or {}).get('type')}.")
+    id_to_token = {i: t for t, i in model["vocab"].items()}
+    added = {a["id"]: a for a in tok.get("added_tokens", [])}
+    id_to_token.update({i: a["content"] for i, a in added.items()})
+    if max(id_to_token) >= cfg.vocab_size:
+        raise ValueError(f"{path}: token id {max(id_to_token)} does not fit the model's vocab_size {cfg.vocab_size} "
+                         "(config.json); the tokenizer belongs to another model.")
+    tokens, types = [], []
+    for i in range(cfg.vocab_size):
+        if i not in id_to_token:
+            tokens.append(f"[PAD{i}]")
+            types.append(UNUSED)
+        elif i in added:  # matched whole in the text; CONTROL ones are also hidden when decoding
+            tokens.append(id_to_token[i])
+            types.append(CONTROL if added[i].get("special") or looks_special(id_to_token[i]) else USER_DEFINED)
+        else:  # a BPE token, spelled in GPT-2's byte alphabet ("Ġthe"), which llama.cpp reads as is
+            tokens.append(id_to_token[i])
+            types.append(NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+
+    tc_path = folder / "tokenizer_config.json"
+    tc = json.loads(tc_path.read_text(encoding="utf-8")) if tc_path.is_file() else {}
+    ids = {t: i for i, t in id_to_token.items()}
+
+    def special(kind: str, config_key: str | None):
+        """The id of tokenizer_config's `<kind>_token`, else config.json's `<kind>_token_id`."""
+        token = _token_str(tc.get(f"{kind}_token"))
+        if token is not None and token in ids:
+            return ids[token]
+        value = hf.get(config_key) if config_key else None
+        return value[0] if isinstance(value, list) else value
+
+    specials = {"bos": special("bos", "bos_token_id"), "eos": special("eos", "eos_token_id"),
+                "unk": special("unk", None), "pad": special("pad", "pad_token_id")}
+    # Does encoding add BOS/EOS? tokenizer_config says so where it sets add_bos_token (llama.cpp reads that);
+    # otherwise ask the tokenizer itself, whose post-processor decides.
+    fast = Tokenizer.from_file(str(path))
+    with_special, without = fast.encode("a").ids, fast.encode("a", add_special_tokens=False).ids
+    added_ids = len(with_special) > len(without)
+    add_bos = tc.get("add_bos_token", added_ids and specials["bos"] is not None and with_special[0] == specials["bos"])
+    add_eos = tc.get("add_eos_token", added_ids and specials["eos"] is not None and with_special[-1] == specials["eos"])
+    template = tc.get("chat_template")
+    if template is None and (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    return {"pre": pre_tokenizer_name(tok, str(path)), "tokens": tokens, "types": types, "merges": merges,
+            "specials": specials, "add_bos": bool(add_bos), "add_eos": bool(add_eos), "chat_template": template}
+
+
+def llama3_rope_factors(cfg) -> torch.Tensor:
+    """llama.cpp's `rope_freqs.weight` for llama3 RoPE scaling: one divisor per frequency pair.
+
+    llama.cpp rotates pair i by pos * theta^(-2i/d) / rope_freqs[i], so
+        rope_freqs = unscaled inv_freq / scaled inv_freq
+    which is 1 for high frequencies, `factor` for low ones and a blend between (model.rope_inv_freq).
+    llama.cpp's converter reads original_max_position_embeddings from the top of config.json (default
+    8192); we read it from rope_scaling, as transformers does. For Llama 3.1 both are 8192.
+    """
+    from dataclasses import replace
+
+    from .model import rope_inv_freq
+
+    return (rope_inv_freq(replace(cfg, rope_scaling=None)) / rope_inv_freq(cfg)).float()
+
+
+def tensor_type(shape: tuple[int, ...], out_type: str):
+    """The GGML type for one tensor: f32 for 1-D, else the output type (f16 where q8_0 blocks do not fit)."""
+    import gguf
+
+    if len(shape) == 1:
+        return gguf.GGMLQuantizationType.F32
+    if out_type == "q8_0" and shape[-1] % Q8_BLOCK:
+        return gguf.GGMLQuantizationType.F16  # as llama.cpp's converter falls back
+    return {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,
+            "q8_0": gguf.GGMLQuantizationType.Q8_0}[out_type]
+
+
+def write_gguf(folder: str | Path, out_path: str | Path, out_type: str = "f16", progress: bool = True) -> Path:
+    """A Hugging Face Llama/Qwen2 folder (a merged model) -> one GGUF file that llama.cpp runs.
+
+    Two passes over the safetensors, so memory stays at one tensor: the first reads only shapes to
+    write the header (metadata, then every tensor's name, shape, type and offset); the second
+    converts and appends the data in the same order. The file is written under a temporary name
+    and renamed into place (os.replace), so `out_path` is complete or absent.
+    """
+    import gguf
+    from huggingface_hub.utils import tqdm
+
+    from .model import ModelConfig
+
+    if out_type not in GGUF_OUT_TYPES:
+        raise ValueError(f"GGUF type {out_type!r} is not supported; choose one of {', '.join(GGUF_OUT_TYPES)}.")
+    folder, out_path = Path(folder), Path(out_path)
+    hf = json.loads((folder / "config.json").read_text())
+    cfg = ModelConfig.from_hf(hf, source=str(folder / "config.json"))
+    arch = cfg.model_type  # llama.cpp's architecture names are the same: "llama", "qwen2"
+    vocab = gguf_vocab(folder, cfg, hf)
+
+    w = gguf.GGUFWriter(path=None, arch=arch)
+    w.add_type("model")
+    w.add_name(hf.get("_name_or_path") or folder.name)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[out_type])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    extra = {}  # tensors that are not in the checkpoint
+    scaling = cfg.rope_scaling or {}
+    if scaling.get("rope_type") == "linear":  # positions divided by `factor`
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(scaling["factor"]))
+    elif scaling.get("rope_type") == "llama3":
+        if arch != "llama":
+            raise ValueError(f"{folder}/config.json: llama3 RoPE scaling on a {arch} model cannot be exported.")
+        extra["rope_freqs.weight"] = llama3_rope_factors(cfg)
+
+    w.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
+    w.add_tokenizer_pre(vocab["pre"])
+    w.add_token_list(vocab["tokens"])
+    w.add_token_types(vocab["types"])
+    w.add_token_merges(vocab["merges"])
+    for kind, token_id in vocab["specials"].items():
+        if token_id is not None:
+            getattr(w, f"add_{kind}_token_id")(int(token_id))
+    w.add_add_bos_token(vocab["add_bos"])
+    w.add_add_eos_token(vocab["add_eos"])
+    if vocab["chat_template"]:
+        w.add_chat_template(vocab["chat_template"])
+
+    def convert(name: str, t: torch.Tensor) -> np.ndarray:
+        t = t.float()
+        if arch == "llama" and name.startswith("model.layers."):  # HF rotate-half rows -> llama.cpp's pairs
+            if ".q_proj." in name:
+                t = permute_qk(t, cfg.num_attention_heads)
+            elif ".k_proj." in name:
+                t = permute_qk(t, cfg.num_key_value_heads)
+        return gguf.quants.quantize(t.contiguous().numpy(), tensor_type(tuple(t.shape), out_type))
+
+    # pass 1: the header. Each tensor's size in bytes is known from its shape and type alone.
+    names = set()
+    plan = [(n, tuple(t.shape)) for n, t in extra.items()] + list(_weights(folder, cfg, data=False))
+    for name, shape in plan:
+        gname = name if name in extra else hf_to_gguf_name(name)
+        names.add(name)
+        qtype = tensor_type(shape, out_type)
+        byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, qtype)
+        w.add_tensor_info(gname, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=qtype)
+    if not cfg.tie_word_embeddings and "lm_head.weight" not in names:
+        raise KeyError(f"{folder}: lm_head.weight is missing and tie_word_embeddings is false in config.json.")
+
+    tmp = out_path.parent / f".{out_path.name}.tmp-{os.getpid()}"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        w.write_header_to_file(path=tmp)
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        # pass 2: the data, converted one tensor at a time
+        for name, t in extra.items():
+            w.write_tensor_data(convert(name, t))
+        for name, t in tqdm(_weights(folder, cfg, data=True), total=len(plan) - len(extra), desc=f"gguf {out_type}",
+                            unit="tensor", disable=not progress, leave=False):
+            w.write_tensor_data(convert(name, t))
+        w.close()
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, out_path)
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return out_path
