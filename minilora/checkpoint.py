@@ -350,7 +350,7 @@ def hub_token() -> str:
     """The write token from $HF_TOKEN; checked before any long work, so a missing token fails at once."""
     token = os.environ.get("HF_TOKEN")
     if not token:
-        raise RuntimeError("pushing to the Hugging Face hub needs a write token: create one at "
+        raise PermissionError("pushing to the Hugging Face hub needs a write token: create one at "
                            "https://huggingface.co/settings/tokens and set it with `export HF_TOKEN=hf_...`.")
     return token
 
