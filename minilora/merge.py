@@ -131,13 +131,11 @@ def merged_tensors(files, pairs, scale: float, dtype: torch.dtype, round_nf4: bo
         if not t.is_floating_point():
             yield name, t
             continue
-        is_linear = name.startswith("model.layers.") and name.endswith("_proj.weight") and t.ndim == 2
-        if name in pairs or (round_nf4 and is_linear):
-            w = nf4_round(t) if round_nf4 and is_linear else t.float()
-            if name in pairs:
-                a, b = pairs[name]
-                w = w + scale * (b.float() @ a.float())  # (out, r) @ (r, in) = (out, in), in fp32
-            t = w
+        if round_nf4 and name.startswith("model.layers.") and name.endswith("_proj.weight"):
+            t = nf4_round(t)  # every decoder linear, as load_model quantizes them for QLoRA
+        if name in pairs:
+            a, b = pairs[name]
+            t = t.float() + scale * (b.float() @ a.float())  # W + s * (out, r) @ (r, in), in fp32
         yield name, t.to(dtype).contiguous()
 
 
@@ -226,7 +224,7 @@ def merge(model: str | Path, adapter: str | Path, output_dir: str | Path, *, dty
             if (base / f).is_file():
                 shutil.copyfile(base / f, tmp / f)
         if gguf:
-            write_gguf(tmp, tmp / f"{out.name}-{gguf}.gguf", gguf, progress=progress)
+            write_gguf(tmp, tmp / f"{out.name}-{gguf}.gguf", gguf, progress=progress, name=out.name)
     if push_to_hub_id:
         print(f"pushed to {push_to_hub(out, push_to_hub_id, private=private)}")
     return out

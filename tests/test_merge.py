@@ -73,6 +73,7 @@ def test_merged_smollm2_matches_unmerged_and_its_gguf(smollm2, smollm2_adapter, 
     for k in same:
         assert ours.fields[k].contents() == ref.fields[k].contents(), k
     assert {t.name for t in ours.tensors} == {t.name for t in ref.tensors}
+    assert ours.fields["general.name"].contents() == "merged"  # the folder's name, not its temporary one
 
 
 @pytest.mark.parametrize("kind,rslora,tied", [("llama", False, False), ("qwen2", True, True)])
