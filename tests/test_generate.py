@@ -60,79 +60,74 @@ def hf_greedy(model, ids, max_new_tokens, eos):
     return new
 
 
+@pytest.fixture(scope="module")
+def refs(hf, tok):
+    """transformers' greedy answers (up to 20 tokens) to each question, computed once for every test here."""
+    return {q: hf_greedy(hf, chat_ids(tok, q), 20, [tok.eos_id]) for q in QUESTIONS}
+
+
 # ----------------------------------------------------------------------------- greedy parity
 
 
-def test_greedy_matches_transformers(ours, hf, tok):
-    ids = chat_ids(tok, QUESTIONS[1])
+def test_greedy_matches_transformers(ours, tok, refs):
+    q = QUESTIONS[1]
     streamed = []
-    got = generate(ours, [ids], 20, eos_ids=[tok.eos_id], on_token=lambda row, t: streamed.append((row, t)))[0]
-    want = hf_greedy(hf, ids, 20, [tok.eos_id])
-    assert len(want) == 20  # a full-length answer: all 20 steps are compared
-    assert got == want
+    got = generate(ours, [chat_ids(tok, q)], 20, eos_ids=[tok.eos_id],
+                   on_token=lambda row, t: streamed.append((row, t)))[0]
+    assert len(refs[q]) == 20  # a full-length answer: all 20 steps are compared
+    assert got == refs[q]
     assert streamed == [(0, t) for t in got]
     assert not ours.training and all(layer.self_attn.cache is None for layer in ours.model.layers)
 
 
-def test_batched_left_padded_equals_unbatched(ours, hf, tok):
-    """Three prompts of different lengths in one left-padded batch give what each gives alone;
-    the first stops at its EOS after a few tokens while the others go on."""
+def test_batched_left_padded_equals_unbatched(ours, tok, refs):
+    """Three prompts of different lengths in one left-padded batch give, token for token, what
+    transformers gives for each prompt alone; the first stops at its EOS while the others go on."""
     prompts = [chat_ids(tok, q) for q in QUESTIONS]
     assert len({len(p) for p in prompts}) == 3
-    batched = generate(ours, prompts, 20, eos_ids=[tok.eos_id], pad_id=tok.pad_id)
-    for p, got in zip(prompts, batched):
-        assert got == hf_greedy(hf, p, 20, [tok.eos_id])
-        assert got == generate(ours, [p], 20, eos_ids=[tok.eos_id])[0]
-    assert batched[0][-1] == tok.eos_id and len(batched[0]) < 20
-    assert len(batched[1]) == 20
+    batched = generate(ours, prompts, 12, eos_ids=[tok.eos_id], pad_id=tok.pad_id)
+    assert batched == [refs[q][:12] for q in QUESTIONS]
+    assert batched[0][-1] == tok.eos_id and len(batched[0]) < 12
+    assert len(batched[1]) == len(batched[2]) == 12
 
 
-def test_padding_value_does_not_matter(ours, tok):
-    """Padded positions are masked: the pad id must not change any output."""
-    prompts = [chat_ids(tok, q) for q in QUESTIONS[:2]]
-    a = generate(ours, prompts, 6, eos_ids=[tok.eos_id], pad_id=0)
-    b = generate(ours, prompts, 6, eos_ids=[tok.eos_id], pad_id=1234)
-    assert a == b
-
-
-def test_stops_at_first_eos_of_several(ours, hf, tok):
-    ids = chat_ids(tok, QUESTIONS[0])
-    full = generate(ours, [ids], 30, eos_ids=[tok.eos_id])[0]
-    assert full == hf_greedy(hf, ids, 30, [tok.eos_id])
-    assert full[-1] == tok.eos_id and len(full) < 30  # stopped by <|im_end|>, not by the limit
+def test_stops_at_first_eos_of_several(ours, tok, refs):
+    q = QUESTIONS[0]
+    full = generate(ours, [chat_ids(tok, q)], 20, eos_ids=[tok.eos_id])[0]
+    assert full == refs[q]
+    assert full[-1] == tok.eos_id and len(full) < 20  # stopped by <|im_end|>, not by the limit
     # Any of several EOS ids ends the answer: make the third answer token an EOS id too.
-    eos = [tok.eos_id, full[2]]
-    cut = generate(ours, [ids], 30, eos_ids=eos)[0]
-    assert cut == hf_greedy(hf, ids, 30, eos)
+    cut = generate(ours, [chat_ids(tok, q)], 20, eos_ids=[tok.eos_id, full[2]])[0]
     assert cut == full[:3]
 
 
 # ----------------------------------------------------------------------------- with a LoRA adapter
 
 
-def test_adapter_matches_peft(smollm2, tok, tmp_path):
+def test_adapter_matches_peft(smollm2, tok, refs, tmp_path):
+    """An adapter built by minilora and saved in PEFT's format: peft's model over transformers
+    must answer as minilora's model with the same adapter loaded."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     model = load_model(smollm2, quantize=None, dtype=torch.float32, progress=False)
+    torch.manual_seed(0)  # A's random init and B below; with this seed the closest greedy choice wins by 0.1
     apply_lora(model, r=8, alpha=16, targets=("q_proj", "v_proj", "o_proj", "up_proj", "down_proj"))
-    torch.manual_seed(0)
     for name, p in model.named_parameters():
         if ".lora_B." in name:
-            torch.nn.init.normal_(p, std=0.02)  # B = 0 would make the adapter a no-op
+            torch.nn.init.normal_(p, std=0.05)  # B = 0 would make the adapter a no-op
     save_adapter(model, tmp_path / "adapter",
                  adapter_config(model, str(smollm2), r=8, alpha=16, dropout=0.0, rslora=False))
-
-    ids = chat_ids(tok, QUESTIONS[1])
+    del model
     ours = load_model(smollm2, quantize=None, dtype=torch.float32, progress=False)
-    base = generate(ours, [ids], 16, eos_ids=[tok.eos_id])[0]
     load_adapter(ours, tmp_path / "adapter")
-    got = generate(ours, [ids], 16, eos_ids=[tok.eos_id])[0]
 
+    q = QUESTIONS[1]
+    got = generate(ours, [chat_ids(tok, q)], 12, eos_ids=[tok.eos_id])[0]
     ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32),
                                     tmp_path / "adapter").eval()
-    assert got == hf_greedy(ref, ids, 16, [tok.eos_id])
-    assert got != base  # the adapter really changed the answer
+    assert got == hf_greedy(ref, chat_ids(tok, q), 12, [tok.eos_id])
+    assert got != refs[q][:12]  # the adapter really changed the answer
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -158,18 +153,17 @@ def test_filtering_matches_transformers_warpers(temperature, top_k, top_p):
 
 
 def test_sampling_is_reproducible_from_its_seed(ours, tok):
-    prompts = [chat_ids(tok, q) for q in QUESTIONS[1:]]
-    kw = dict(eos_ids=[tok.eos_id], temperature=1.0, top_p=0.95)
-    a = generate(ours, prompts, 8, seed=1, **kw)
-    assert a == generate(ours, prompts, 8, seed=1, **kw)
-    others = [generate(ours, prompts, 8, seed=s, **kw) for s in (2, 3)]
-    assert any(o != a for o in others)  # at temperature 1, three seeds agreeing on 16 tokens is ~impossible
-
-
-def test_top_k_1_sampling_is_greedy(ours, hf, tok):
     ids = chat_ids(tok, QUESTIONS[1])
-    got = generate(ours, [ids], 8, eos_ids=[tok.eos_id], temperature=1.5, top_k=1, seed=0)[0]
-    assert got == hf_greedy(hf, ids, 8, [tok.eos_id])
+    kw = dict(eos_ids=[tok.eos_id], temperature=1.5, top_p=0.98)
+    a = generate(ours, [ids], 8, seed=1, **kw)
+    assert a == generate(ours, [ids], 8, seed=1, **kw)
+    assert a != generate(ours, [ids], 8, seed=2, **kw)  # at temperature 1.5, 8 equal draws are vanishingly rare
+
+
+def test_top_k_1_sampling_is_greedy(ours, tok, refs):
+    q = QUESTIONS[1]
+    got = generate(ours, [chat_ids(tok, q)], 8, eos_ids=[tok.eos_id], temperature=1.5, top_k=1, seed=0)[0]
+    assert got == refs[q][:8]
 
 
 # ----------------------------------------------------------------------------- EOS ids
@@ -227,10 +221,10 @@ def test_streamer_prints_multibyte_characters_whole(tok):
 # ----------------------------------------------------------------------------- the command
 
 
-def run_cli(*args, timeout=120):
+def run_cli(*args, input=None, timeout=300):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "minilora.generate", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT, env=env)
+    return subprocess.run([sys.executable, "-m", "minilora.generate", *map(str, args)], input=input,
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
 
 
 def test_cli_answers_a_chat_prompt(smollm2):
@@ -242,24 +236,28 @@ def test_cli_answers_a_chat_prompt(smollm2):
 
 
 def test_cli_chat_keeps_history(smollm2):
-    """Two turns on stdin, then EOF; the second answer must see the first turn to repeat the word."""
-    r = subprocess.run(
-        [sys.executable, "-m", "minilora.generate", "--model", str(smollm2), "--chat", "--no-4bit", "--device", "cpu",
-         "--max-new-tokens", "12"],
-        input="What is the capital of France?\nWhat city did you just name? Answer with one word.\n",
-        capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    """Two turns on stdin, then EOF; the second answer must see the first turn to name the city again."""
+    r = run_cli("--model", smollm2, "--chat", "--no-4bit", "--device", "cpu", "--max-new-tokens", 10,
+                input="What is the capital of France?\nWhat city did you just name? Answer with one word.\n")
     assert r.returncode == 0, r.stderr
     first, second = r.stdout.strip().split("\n", 1)
     assert "Paris" in first and "Paris" in second
     assert r.stderr.count("tokens/s") == 2
 
 
-@pytest.mark.parametrize("flag", ["--model", "--adapter"])
-def test_cli_bad_path_is_a_one_line_error(smollm2, tmp_path, flag):
-    args = ["--model", tmp_path / "nope", "--prompt", "hi"] if flag == "--model" else [
-        "--model", smollm2, "--adapter", tmp_path, "--prompt", "hi", "--no-4bit", "--device", "cpu"]
-    r = run_cli(*args)
+def test_cli_bad_model_path_is_a_one_line_error(tmp_path):
+    r = run_cli("--model", tmp_path / "nope", "--prompt", "hi")
     assert r.returncode == 2
-    assert r.stderr.startswith(f"minilora.generate: error: {flag} ")
+    assert r.stderr.startswith("minilora.generate: error: --model ") and "no such folder" in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert r.stdout == ""
+
+
+def test_cli_bad_adapter_is_a_one_line_error(smollm2, tmp_path, capsys):
+    from minilora.generate import main
+
+    code = main(["--model", str(smollm2), "--adapter", str(tmp_path), "--prompt", "hi", "--no-4bit", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert err == f"minilora.generate: error: --adapter {tmp_path}: {tmp_path}: no adapter_config.json; " \
+                  "is this a LoRA adapter folder?\n"
