@@ -132,7 +132,7 @@ def test_mismatched_tensor_is_named(tmp_path):
 def test_unreachable_hub_id_offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with pytest.raises(RuntimeError, match="offline.*local folder"):
+    with pytest.raises(ConnectionError, match="offline.*local folder"):
         load_model("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B")
 
 

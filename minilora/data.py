@@ -1,0 +1,274 @@
+"""Data: read records, render them with a template, tokenize with a prompt mask, batch.
+
+Templates (picked from the columns unless --template says):
+- alpaca: instruction (+ input) -> output, the "Below is an instruction..." prompt of the seeds;
+- r1:     Question -> <think>Complex_CoT</think> Response, the medical chain-of-thought seed;
+- chat:   the tokenizer's own chat template over a `messages` list (or prompt/chosen pairs);
+- text:   a raw `text` column, trained on whole.
+
+Prompt masking. The loss covers the response only (its <think> part included)
+plus EOS; prompt positions get label -100, which cross-entropy ignores. We
+render the prompt alone, tokenize it, and check it is a token prefix of the
+tokenized full text. Searching the ids for a marker string instead breaks when
+BPE merges the marker with its neighbours. If the prompt is not a prefix
+(a merge across the boundary), the example is built as prompt ids + response ids,
+so the mask is still exact.
+
+EOS and padding. EOS is appended to every example (unless the template's
+response already contains it), so the model learns to stop. Padding goes on
+the right and is never EOS: a pad position is masked by position, and a pad
+id equal to EOS would teach nothing but could be confused for it downstream.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .tokenizer import Tokenizer
+
+IGNORE = -100  # cross_entropy's ignore_index
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task{ctx}. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n{input}### Response:\n"
+)
+R1_PROMPT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request. Before answering, think carefully about "
+    "the question and create a step-by-step chain of thoughts to ensure a logical and accurate response.\n\n"
+    "### Instruction:\nYou are an expert with advanced reasoning skills. Please answer the following question.\n\n"
+    "### Question:\n{question}\n\n### Response:\n"
+)
+
+# template -> the columns that select it, in the order auto-detection tries them
+TEMPLATE_COLUMNS = {
+    "r1": ("Question", "Complex_CoT", "Response"),
+    "chat": ("messages",),
+    "chat-pairs": ("prompt", "chosen"),
+    "alpaca": ("instruction", "output"),
+    "text": ("text",),
+}
+TEMPLATES = ("alpaca", "r1", "chat", "text")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and line."""
+
+
+# ----------------------------------------------------------------------------- reading
+
+def read_records(path: str | Path, bad_rows: str = "error") -> tuple[list[dict], list[str]]:
+    """Records from a .jsonl (one object per line) or .json (a list of objects) file.
+
+    Every problem is collected with its file and line, so one run reports them all.
+    bad_rows="skip" drops the bad rows (returning the problems as warnings); "error" raises.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file.")
+    problems: list[str] = []
+    records: list[dict] = []
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {e.start}); re-save the file as UTF-8.") from None
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg}.") from None
+        numbered = [(i + 1, r) for i, r in enumerate(rows)]
+        where = "item"
+    else:
+        numbered = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                numbered.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as e:
+                problems.append(f"{path}:{lineno}: malformed JSON line: {e.msg} (column {e.colno}).")
+        where = "line"
+    for n, row in numbered:
+        if not isinstance(row, dict):
+            problems.append(f"{path}:{where} {n}: expected a JSON object, got {type(row).__name__}.")
+        else:
+            row["_where"] = f"{path}:{n}" if where == "line" else f"{path}:item {n}"
+            records.append(row)
+    if problems and bad_rows == "error":
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise DataError(f"{len(problems)} bad row(s) in {path}:\n  " + "\n  ".join(problems[:20]) + more +
+                        "\n(pass --bad-rows skip to drop them)")
+    return records, problems
+
+
+def fetch_hub_dataset(spec: str) -> Path:
+    """`org/name[:config][@split]` -> a local .json/.jsonl file from the hub's data set repo."""
+    from huggingface_hub import snapshot_download
+
+    name, _, split = spec.partition("@")
+    name, _, config = name.partition(":")
+    try:
+        folder = Path(snapshot_download(name, repo_type="dataset", allow_patterns=["*.json", "*.jsonl"]))
+    except Exception as e:
+        raise DataError(f"could not fetch data set {name!r} from the hub ({type(e).__name__}). "
+                        "If offline, download it elsewhere and pass the .json/.jsonl file to --data.") from None
+    files = sorted(p for p in folder.rglob("*") if p.suffix in (".json", ".jsonl"))
+    for word in (config, split):
+        if word:
+            files = [p for p in files if word in str(p.relative_to(folder))] or files
+    if not files:
+        raise DataError(f"data set {name!r} has no .json/.jsonl files (parquet-only data sets are not read).")
+    return files[0]
+
+
+# ----------------------------------------------------------------------------- templates
+
+def detect_template(columns: set[str]) -> str:
+    for name, cols in TEMPLATE_COLUMNS.items():
+        if set(cols) <= columns:
+            return "chat" if name == "chat-pairs" else name
+    fits = "; ".join(f"{t}: {', '.join(c)}" for t, c in TEMPLATE_COLUMNS.items())
+    raise DataError(f"columns {sorted(columns)} fit no template. Templates and the columns they need: {fits}.")
+
+
+def _need(rec: dict, *cols: str):
+    missing = [c for c in cols if not isinstance(rec.get(c), str)]
+    if missing:
+        found = sorted(k for k in rec if k != "_where")
+        raise DataError(f"{rec.get('_where', '?')}: column(s) {missing} missing or not text; found {found}.")
+    return [rec[c] for c in cols]
+
+
+def render(rec: dict, template: str, tok: Tokenizer) -> tuple[str, str]:
+    """(prompt, full text). The response is full[len(prompt):]."""
+    if template == "alpaca":
+        instruction, output = _need(rec, "instruction", "output")
+        inp = rec.get("input") or ""
+        prompt = ALPACA_PROMPT.format(ctx=", paired with an input that provides further context" if inp else "",
+                                      instruction=instruction, input=f"### Input:\n{inp}\n\n" if inp else "")
+        return prompt, prompt + output
+    if template == "r1":
+        q, cot, resp = _need(rec, "Question", "Complex_CoT", "Response")
+        prompt = R1_PROMPT.format(question=q)
+        return prompt, prompt + f"<think>\n{cot}\n</think>\n{resp}"
+    if template == "text":
+        (text,) = _need(rec, "text")
+        return "", text
+    if template == "chat":
+        messages = rec.get("messages")
+        if messages is None:
+            p, c = _need(rec, "prompt", "chosen")
+            messages = [{"role": "user", "content": p}, {"role": "assistant", "content": c}]
+        if (not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages)
+                or messages[-1].get("role") != "assistant"):
+            raise DataError(f"{rec.get('_where', '?')}: `messages` must be a list of {{role, content}} objects "
+                            "ending with an assistant turn.")
+        prompt = tok.apply_chat_template(messages[:-1], add_generation_prompt=True)
+        full = tok.apply_chat_template(messages)
+        if not full.startswith(prompt):
+            raise DataError(f"{rec.get('_where', '?')}: the chat template renders the prompt differently alone "
+                            "and with the answer; cannot mask it.")
+        return prompt, full
+    raise DataError(f"unknown template {template!r}; choose from {', '.join(TEMPLATES)}.")
+
+
+# ----------------------------------------------------------------------------- tokenizing
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE on prompt positions
+
+
+def pad_id_for(tok: Tokenizer) -> int:
+    """The tokenizer's pad token, unless it is EOS; then unk, else id 0 (masked anyway)."""
+    for cand in (tok.pad_id, tok.token_id(tok.unk_token), 0):
+        if cand is not None and cand != tok.eos_id:
+            return cand
+    return 0
+
+
+def tokenize(prompt: str, full: str, tok: Tokenizer, chat: bool) -> Example:
+    add_special = not chat  # chat templates write their own BOS
+    prompt_ids = tok.encode(prompt, add_special_tokens=add_special) if prompt else []
+    full_ids = tok.encode(full, add_special_tokens=add_special)
+    if full_ids[: len(prompt_ids)] != prompt_ids:  # BPE merged across the boundary
+        full_ids = prompt_ids + tok.encode(full[len(prompt):], add_special_tokens=False)
+    if not prompt and full_ids and full_ids[0] == tok.bos_id:
+        prompt_ids = full_ids[:1]  # never "predict" BOS
+    if tok.eos_id is not None and tok.eos_id not in full_ids[len(prompt_ids):]:
+        full_ids = full_ids + [tok.eos_id]
+    labels = [IGNORE] * len(prompt_ids) + full_ids[len(prompt_ids):]
+    return Example(full_ids, labels)
+
+
+def build_examples(records: list[dict], template: str, tok: Tokenizer, max_seq_len: int,
+                   truncation: str = "truncate") -> tuple[list[Example], dict]:
+    """Tokenized examples and counts (kept, truncated, dropped, no_label)."""
+    out, stats = [], {"kept": 0, "truncated": 0, "dropped": 0, "no_label": 0}
+    for rec in records:
+        prompt, full = render(rec, template, tok)
+        ex = tokenize(prompt, full, tok, chat=template == "chat")
+        if len(ex.input_ids) > max_seq_len:
+            if truncation == "drop":
+                stats["dropped"] += 1
+                continue
+            ex = Example(ex.input_ids[:max_seq_len], ex.labels[:max_seq_len])
+            stats["truncated"] += 1
+        if all(lab == IGNORE for lab in ex.labels[1:]):
+            stats["no_label"] += 1  # the prompt alone fills max_seq_len: nothing to learn
+            continue
+        out.append(ex)
+        stats["kept"] += 1
+    return out, stats
+
+
+def show_example(ex: Example, tok: Tokenizer) -> str:
+    """The rendered text with the masked (prompt) part in [brackets], as printed at start-up."""
+    n = next((i for i, lab in enumerate(ex.labels) if lab != IGNORE), len(ex.labels))
+    return "[" + tok.decode(ex.input_ids[:n]) + "]" + tok.decode(ex.input_ids[n:])
+
+
+# ----------------------------------------------------------------------------- batching
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example. With right padding and causal attention, real tokens
+    never see pads, so no attention mask is needed; pad labels are IGNORE."""
+    T = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), T), IGNORE, dtype=torch.long)
+    for i, e in enumerate(examples):
+        ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        labels[i, : len(e.labels)] = torch.tensor(e.labels)
+    return {"input_ids": ids, "labels": labels}
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """A fixed shuffle per (seed, epoch): resuming at (epoch, position) replays the same data."""
+    order = list(range(n))
+    random.Random(seed * 100_003 + epoch).shuffle(order)
+    return order
+
+
+def split_eval(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    order = epoch_order(len(examples), seed, -1)
+    n_eval = int(round(len(examples) * fraction))
+    if fraction > 0 and n_eval == 0 and len(examples) > 1:
+        n_eval = 1
+    ev = set(order[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in ev], [examples[i] for i in order[:n_eval]]
+
+
+def closest(word: str, choices) -> str:
+    m = difflib.get_close_matches(word, list(choices), n=1)
+    return f" Did you mean {m[0]!r}?" if m else ""

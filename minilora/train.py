@@ -1,0 +1,572 @@
+"""`python -m minilora.train`: QLoRA supervised fine-tuning, one loop written out by hand.
+
+With no arguments it runs the offline demo: SmolLM2-135M-Instruct learns to
+count days and months forward with <think> reasoning (see demo.py), and prints
+eval loss, exact-match accuracy and a sample answer before and after.
+
+The loop, per optimizer step:
+1. take `grad_accum` micro-batches and count their label tokens N (all of them);
+2. for each micro-batch: loss_sum = sum of its token losses; backward(loss_sum / N);
+3. clip the gradient norm, skip the step if it is not finite, step AdamW, set the lr.
+
+Step 2 is the gradient-accumulation fix the peers made in late 2024: dividing
+each micro-batch by its own token count and averaging the means weights a
+token in a short micro-batch more than one in a long one, so batch 8 x accum 1
+and batch 2 x accum 4 would train differently. Dividing every micro-batch by
+the step's total N makes the accumulated gradient exactly the gradient of the
+mean over all N tokens (tests/test_train.py checks it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from huggingface_hub.utils import tqdm
+
+from . import data as D
+from .atomic import atomic_dir
+from .checkpoint import adapter_config, default_dtype, load_model, resolve_model, save_adapter
+from .lora import ALL_TARGETS, apply_lora, describe_trainable, lora_state_dict
+from .loss import causal_lm_loss
+from .tokenizer import Tokenizer
+
+
+def _f(default, help, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    # model and data
+    model: str = _f("", "model folder or hub id (e.g. deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B); empty: the demo model")
+    data: str = _f("", ".json/.jsonl file, or hub data set id org/name[:config][@split]; empty: the demo task")
+    template: str = _f("auto", "how records become text; auto picks from the columns", ("auto",) + D.TEMPLATES)
+    max_seq_len: int = _f(2048, "longest example in tokens")
+    truncation: str = _f("truncate", "what to do with longer examples", ("truncate", "drop"))
+    bad_rows: str = _f("error", "malformed data rows: stop with every problem listed, or skip them", ("error", "skip"))
+    # batching and schedule
+    batch_size: int = _f(2, "examples per micro-batch")
+    grad_accum: int = _f(4, "micro-batches per optimizer step (effective batch = batch_size * grad_accum)")
+    max_steps: int = _f(0, "optimizer steps; 0: run --epochs")
+    epochs: float = _f(1.0, "passes over the training data, used when --max-steps is 0")
+    lr: float = _f(2e-4, "peak learning rate")
+    warmup_steps: int = _f(5, "steps of linear warmup from 0 to --lr")
+    scheduler: str = _f("linear", "lr decay after warmup, to 0 at the last step", ("linear", "cosine", "constant"))
+    weight_decay: float = _f(0.01, "AdamW decoupled weight decay (applied to LoRA matrices, never to biases/norms)")
+    max_grad_norm: float = _f(1.0, "clip the global gradient norm to this; 0: no clipping")
+    # LoRA
+    r: int = _f(16, "LoRA rank")
+    alpha: float = _f(16.0, "LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with --rslora)")
+    dropout: float = _f(0.0, "dropout on the LoRA input")
+    targets: str = _f(",".join(ALL_TARGETS), "comma-separated module names to adapt")
+    rslora: bool = _f(False, "rank-stabilised LoRA scale alpha/sqrt(r)")
+    no_4bit: bool = _f(False, "keep the base in 16-bit (plain LoRA) instead of NF4 (QLoRA)")
+    quant_type: str = _f("nf4", "4-bit data type of the base weights", ("nf4", "fp4"))
+    # optimizer and memory
+    optim: str = _f("adamw8bit", "optimizer (bitsandbytes 8-bit AdamW, or torch's)", ("adamw8bit", "adamw", "paged_adamw8bit"))
+    gradient_checkpointing: bool = _f(True, "recompute each decoder layer in backward: less memory, ~1/3 more compute")
+    # eval, saving and run control
+    eval_fraction: float = _f(0.05, "fraction of the data held out for eval (ignored with --eval-data)")
+    eval_data: str = _f("", "separate eval .json/.jsonl file")
+    eval_every: int = _f(0, "eval every N steps; 0: at the start and end only")
+    save_every: int = _f(0, "checkpoint every N steps; 0: only at the end (and on Ctrl-C)")
+    log_every: int = _f(1, "write a metrics.jsonl row every N steps")
+    output_dir: str = _f("runs/minilora", "where metrics, checkpoints and the adapter go")
+    resume: bool = _f(False, "continue from the newest checkpoint in --output-dir")
+    overwrite: bool = _f(False, "replace an existing run in --output-dir")
+    max_bad_steps: int = _f(5, "stop after this many consecutive steps with a non-finite loss or gradient")
+    seed: int = _f(3407, "seed for data order, LoRA init and dropout")
+    device: str = _f("auto", "cuda, cuda:N, cpu, or auto")
+    push_to_hub: str = _f("", "upload the final adapter to this hub repo (token from HF_TOKEN)")
+    config: str = _f("", "JSON file of these same keys; flags given on the command line win")
+
+
+DEMO = dict(batch_size=8, grad_accum=1, max_steps=24, lr=2e-3, warmup_steps=3, r=16, alpha=32,
+            max_seq_len=256, eval_every=0, gradient_checkpointing=False, output_dir="runs/demo")
+
+
+class UsageError(ValueError):
+    """A bad flag or value: printed as one line, exit code 2."""
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (e.g. the loss stays non-finite); the last good checkpoint is kept."""
+
+
+# ----------------------------------------------------------------------------- config
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m minilora.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        meta = f.metadata
+        if f.type == "bool" or isinstance(f.default, bool):
+            action = argparse.BooleanOptionalAction if f.default else "store_true"
+            p.add_argument(flag, action=action, default=argparse.SUPPRESS, help=meta["help"])
+        else:
+            p.add_argument(flag, type=type(f.default), default=argparse.SUPPRESS, choices=meta["choices"],
+                           help=meta["help"] + f" (default: {f.default!r})", metavar=f.name.upper())
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    return p
+
+
+def config_from_json(path: str) -> dict:
+    try:
+        raw = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UsageError(f"--config {path}: no such file.") from None
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--config {path}:{e.lineno}: malformed JSON ({e.msg}).") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"--config {path}: expected a JSON object of flag names to values.")
+    known = {f.name: f for f in fields(TrainConfig)}
+    out = {}
+    for k, v in raw.items():
+        name = k.replace("-", "_").lstrip("_")
+        if name not in known or name == "config":
+            raise UsageError(f"--config {path}: unknown key {k!r}.{D.closest(name, known)}")
+        want = type(known[name].default)
+        if want is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if not isinstance(v, want) or (want is int and isinstance(v, bool)):
+            raise UsageError(f"--config {path}: {k} must be {want.__name__}, got {json.dumps(v)}.")
+        out[name] = v
+    return out
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    argv = sys.argv[1:] if argv is None else argv
+    p = parser()
+    args, unknown = p.parse_known_args(argv)
+    if unknown:
+        flags = [a.split("=")[0] for a in unknown if a.startswith("-")] or unknown
+        options = [o for a in p._actions for o in a.option_strings]
+        raise UsageError(f"unknown argument {flags[0]!r}.{D.closest(flags[0], options)}")
+    given = vars(args)
+    values = config_from_json(given["config"]) if given.get("config") else {}
+    values.update(given)
+    if not values.get("model") and not values.get("data"):
+        values = {**DEMO, **values}  # the demo's defaults, under anything the user set
+    cfg = TrainConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig):
+    def need(ok, msg):
+        if not ok:
+            raise UsageError(msg)
+    need(cfg.lr > 0 and math.isfinite(cfg.lr), f"--lr must be a positive number, got {cfg.lr}.")
+    need(cfg.r > 0, f"--r must be a positive integer, got {cfg.r}.")
+    need(cfg.alpha > 0, f"--alpha must be positive, got {cfg.alpha}.")
+    need(cfg.batch_size > 0, f"--batch-size must be >= 1, got {cfg.batch_size}.")
+    need(cfg.grad_accum > 0, f"--grad-accum must be >= 1, got {cfg.grad_accum}.")
+    need(cfg.max_steps >= 0, f"--max-steps must be >= 0, got {cfg.max_steps}.")
+    need(cfg.max_steps > 0 or cfg.epochs > 0, f"--epochs must be > 0 when --max-steps is 0, got {cfg.epochs}.")
+    need(cfg.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {cfg.warmup_steps}.")
+    need(cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}.")
+    need(cfg.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, got {cfg.max_grad_norm}.")
+    need(0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}.")
+    need(0 <= cfg.eval_fraction < 1, f"--eval-fraction must be in [0, 1), got {cfg.eval_fraction}.")
+    need(cfg.max_seq_len >= 8, f"--max-seq-len must be >= 8, got {cfg.max_seq_len}.")
+    need(min(cfg.eval_every, cfg.save_every) >= 0 and cfg.log_every >= 1, "--eval-every/--save-every must be >= 0, --log-every >= 1.")
+    need(cfg.max_bad_steps >= 1, f"--max-bad-steps must be >= 1, got {cfg.max_bad_steps}.")
+    need(cfg.template in ("auto",) + D.TEMPLATES, f"--template must be one of auto, {', '.join(D.TEMPLATES)}.")
+    for name in ("truncation", "bad_rows", "scheduler", "optim", "quant_type"):
+        choices = TrainConfig.__dataclass_fields__[name].metadata["choices"]
+        need(getattr(cfg, name) in choices, f"--{name.replace('_', '-')} must be one of {', '.join(choices)}.")
+    need(not (cfg.resume and cfg.overwrite), "--resume and --overwrite contradict each other; pick one.")
+
+
+# ----------------------------------------------------------------------------- schedule
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Linear warmup over `warmup_steps`, then linear or cosine decay to 0 at `total_steps`.
+
+    `step` counts optimizer steps from 0. The curve is transformers' `get_*_schedule_with_warmup`
+    (so the first warmup step has lr 0, as there), which trl users already tune for.
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * step / cfg.warmup_steps
+    if cfg.scheduler == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    if cfg.scheduler == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr * (1 - progress)
+
+
+def make_optimizer(params, cfg: TrainConfig):
+    # LoRA A/B matrices get weight decay; 1-D tensors (biases, norms) would not, if any were trained.
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if cfg.optim == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
+    import bitsandbytes as bnb
+
+    cls = bnb.optim.PagedAdamW8bit if cfg.optim == "paged_adamw8bit" else bnb.optim.AdamW8bit
+    return cls(groups, lr=cfg.lr, betas=(0.9, 0.999))
+
+
+# ----------------------------------------------------------------------------- one step
+
+def micro_batches(examples, order, start: int, count: int, batch_size: int):
+    """`count` micro-batches of `batch_size` from position `start` of `order` (cyclic)."""
+    out = []
+    for b in range(count):
+        idx = [order[(start + b * batch_size + i) % len(order)] for i in range(batch_size)]
+        out.append([examples[i] for i in idx])
+    return out
+
+
+def train_step(model, batches: list[dict], autocast) -> tuple[float, int]:
+    """Forward and backward over one optimizer step's micro-batches; returns (mean loss, label tokens).
+
+    Every micro-batch's loss sum is divided by the SAME token count N of the whole step.
+    """
+    n_total = sum(int((b["labels"][:, 1:] != D.IGNORE).sum()) for b in batches)
+    loss_total = 0.0
+    for b in batches:
+        with autocast:
+            hidden = model.model(b["input_ids"])
+            loss_sum, _ = causal_lm_loss(hidden, model.lm_head.weight, b["labels"])
+        (loss_sum / max(n_total, 1)).backward()
+        loss_total += loss_sum.item()
+    return loss_total / max(n_total, 1), n_total
+
+
+@torch.no_grad()
+def evaluate(model, examples, batch_size, pad_id, device, autocast) -> float:
+    """Mean token loss over the eval examples."""
+    was_training = model.training
+    model.eval()
+    loss, n = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        b = D.collate(examples[i: i + batch_size], pad_id)
+        with autocast:
+            h = model.model(b["input_ids"].to(device))
+            s, c = causal_lm_loss(h, model.lm_head.weight, b["labels"].to(device))
+        loss, n = loss + s.item(), n + c
+    model.train(was_training)
+    return loss / max(n, 1)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def rng_state() -> dict:
+    s = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_rng_state(s: dict):
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_checkpoint(out: Path, step: int, model, optimizer, cfg, acfg, position: int, metrics_state: dict):
+    """checkpoints/step-N/: adapter + optimizer + rng + data position, written atomically, in one folder."""
+    with atomic_dir(out / "checkpoints" / f"step-{step:06d}") as tmp:
+        save_adapter(model, tmp / "adapter", acfg)
+        state = {"step": step, "position": position, "optimizer": optimizer.state_dict(), "rng": rng_state(),
+                 "config": asdict(cfg), "metrics": metrics_state}
+        torch.save(state, tmp / "trainer_state.pt")
+    return out / "checkpoints" / f"step-{step:06d}"
+
+
+def newest_checkpoint(out: Path) -> Path | None:
+    ckpts = sorted((out / "checkpoints").glob("step-*")) if (out / "checkpoints").is_dir() else []
+    return ckpts[-1] if ckpts else None
+
+
+RESUME_MUST_MATCH = ("model", "data", "template", "r", "alpha", "targets", "rslora", "no_4bit", "quant_type",
+                     "batch_size", "grad_accum", "seed", "max_seq_len")
+
+
+def check_resume(saved: dict, cfg: TrainConfig, where: Path):
+    diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(cfg, k)!r}" for k in RESUME_MUST_MATCH
+             if saved.get(k) != getattr(cfg, k)]
+    if diffs:
+        raise UsageError(f"cannot resume from {where}: the run's settings differ ({'; '.join(diffs)}).")
+
+
+def prepare_output(cfg: TrainConfig) -> Path:
+    out = Path(cfg.output_dir)
+    finished = (out / "adapter" / "adapter_config.json").is_file()
+    started = newest_checkpoint(out) is not None or (out / "metrics.jsonl").exists()
+    if cfg.overwrite and out.exists():
+        shutil.rmtree(out)
+    elif cfg.resume and not started:
+        raise UsageError(f"--resume: {out} has no checkpoint to resume from.")
+    elif not cfg.resume and finished:
+        raise UsageError(f"{out} already holds a finished run; pass --overwrite to replace it or choose another --output-dir.")
+    elif not cfg.resume and started:
+        raise UsageError(f"{out} holds an unfinished run; pass --resume to continue it or --overwrite to start over.")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- data
+
+def load_data(cfg: TrainConfig, tok: Tokenizer):
+    """(train examples, eval examples, template name, raw eval records or None)."""
+    demo_eval = None
+    if not cfg.data:
+        from .demo import demo_records
+
+        train_recs, demo_eval = demo_records(cfg.seed)
+        eval_recs = demo_eval
+    else:
+        path = Path(cfg.data) if Path(cfg.data).exists() or cfg.data.endswith((".json", ".jsonl")) else None
+        train_recs, problems = D.read_records(path or D.fetch_hub_dataset(cfg.data), cfg.bad_rows)
+        for p in problems:
+            print(f"skipped: {p}")
+        eval_recs = D.read_records(cfg.eval_data, cfg.bad_rows)[0] if cfg.eval_data else None
+    if not train_recs:
+        raise D.DataError(f"{cfg.data or 'demo'}: no training records.")
+    columns = set(train_recs[0]) - {"_where"}
+    template = D.detect_template(columns) if cfg.template == "auto" else cfg.template
+    train, stats = D.build_examples(train_recs, template, tok, cfg.max_seq_len, cfg.truncation)
+    print(f"template: {template} (columns {sorted(columns)}); examples: {stats}")
+    if eval_recs is not None:
+        evals = D.build_examples(eval_recs, template, tok, cfg.max_seq_len, cfg.truncation)[0]
+    else:
+        train, evals = D.split_eval(train, cfg.eval_fraction, cfg.seed)
+    if not train:
+        raise D.DataError(f"{cfg.data or 'demo'}: no training examples left after filtering ({stats}).")
+    print("example (the [bracketed] prompt is masked out of the loss):\n" + D.show_example(train[0], tok))
+    return train, evals, template, demo_eval
+
+
+# ----------------------------------------------------------------------------- the run
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA GPU is visible; use --device cpu.")
+    return dev
+
+
+def run(cfg: TrainConfig) -> dict:
+    device = pick_device(cfg.device)
+    out = prepare_output(cfg)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    if cfg.model:
+        model_path = resolve_model(cfg.model)
+    else:
+        from .demo import smollm2_folder
+
+        model_path = smollm2_folder()
+    tok = Tokenizer(model_path)
+    train, evals, template, demo_eval = load_data(cfg, tok)
+    pad_id = D.pad_id_for(tok)
+
+    dtype = default_dtype(device)
+    model = load_model(model_path, device=device, dtype=dtype, quantize=None if cfg.no_4bit else cfg.quant_type)
+    targets = [t.strip() for t in cfg.targets.split(",") if t.strip()]
+    apply_lora(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, rslora=cfg.rslora, targets=targets)
+    model.model.gradient_checkpointing = cfg.gradient_checkpointing
+    print(describe_trainable(model))
+    acfg = adapter_config(model, cfg.model or str(model_path), r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
+                          rslora=cfg.rslora)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, cfg)
+    # One dtype policy: base weights in `dtype`, LoRA in fp32, matmuls under autocast on the GPU.
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda")
+
+    per_step = cfg.batch_size * cfg.grad_accum
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train) / per_step))
+    step, position, metrics_state = 0, 0, {"bad_in_a_row": 0, "skipped": 0}
+    if cfg.resume:
+        ck = newest_checkpoint(out)
+        state = torch.load(ck / "trainer_state.pt", weights_only=True, map_location="cpu")
+        check_resume(state["config"], cfg, ck)
+        from safetensors.torch import load_file
+
+        own = lora_state_dict(model)
+        for k, v in load_file(ck / "adapter" / "adapter_model.safetensors").items():
+            own[k.removeprefix("base_model.model.")].copy_(v)
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        step, position, metrics_state = state["step"], state["position"], state["metrics"]
+        print(f"resumed from {ck} at step {step}")
+
+    report = {"eval_loss_before": None}
+    metrics = open(out / "metrics.jsonl", "a")
+
+    def log(row):
+        metrics.write(json.dumps(row) + "\n")
+        metrics.flush()
+
+    if step == 0 and evals:
+        report["eval_loss_before"] = evaluate(model, evals, cfg.batch_size, pad_id, device, autocast)
+        log({"step": 0, "split": "eval", "loss": report["eval_loss_before"],
+             "perplexity": math.exp(min(report["eval_loss_before"], 50))})
+        print(f"eval loss before: {report['eval_loss_before']:.4f}")
+    if demo_eval is not None and step == 0:
+        report["before"] = demo_report(model, tok, demo_eval)
+
+    model.train()
+    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
+    last_ckpt = None
+    try:
+        while step < total_steps:
+            epoch, offset = divmod(position, len(train))
+            order = D.epoch_order(len(train), cfg.seed, epoch)
+            batches = [{k: v.to(device) for k, v in D.collate(mb, pad_id).items()}
+                       for mb in micro_batches(train, order, offset, cfg.grad_accum, cfg.batch_size)]
+            lr = lr_at(step, cfg, total_steps)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            t0 = time.perf_counter()
+            loss, n_tokens = train_step(model, batches, autocast)
+            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")).item()
+            if math.isfinite(loss) and math.isfinite(gnorm):
+                optimizer.step()
+                metrics_state["bad_in_a_row"] = 0
+            else:
+                metrics_state["skipped"] += 1
+                metrics_state["bad_in_a_row"] += 1
+                print(f"\nstep {step + 1}: non-finite loss {loss} / grad norm {gnorm}: update skipped "
+                      f"({metrics_state['bad_in_a_row']} in a row)")
+                if metrics_state["bad_in_a_row"] >= cfg.max_bad_steps:
+                    raise TrainingStopped(f"{cfg.max_bad_steps} consecutive non-finite steps; stopping. The last good "
+                                       f"checkpoint is {last_ckpt or newest_checkpoint(out)}. Try a lower --lr.")
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            step += 1
+            position += per_step
+            tokens = sum(b["input_ids"].numel() for b in batches)
+            mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{gnorm:.3f}", tok_s=f"{tokens / dt:,.0f}",
+                            mem=f"{mem:.1f}G", refresh=False)
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == total_steps:
+                log({"step": step, "split": "train", "loss": loss, "lr": lr, "grad_norm": gnorm,
+                     "tokens_per_s": tokens / dt, "label_tokens": n_tokens, "peak_mem_gib": mem,
+                     "epoch": position / len(train)})
+            if cfg.eval_every and step % cfg.eval_every == 0 and evals and step < total_steps:
+                ev = evaluate(model, evals, cfg.batch_size, pad_id, device, autocast)
+                log({"step": step, "split": "eval", "loss": ev, "perplexity": math.exp(min(ev, 50))})
+            if cfg.save_every and step % cfg.save_every == 0:
+                last_ckpt = save_checkpoint(out, step, model, optimizer, cfg, acfg, position, metrics_state)
+    except KeyboardInterrupt:
+        bar.close()
+        ck = save_checkpoint(out, step, model, optimizer, cfg, acfg, position, metrics_state)
+        print(f"\ninterrupted: saved {ck}; continue with --resume")
+        raise SystemExit(130)
+    bar.close()
+
+    if evals:
+        report["eval_loss_after"] = evaluate(model, evals, cfg.batch_size, pad_id, device, autocast)
+        log({"step": step, "split": "eval", "loss": report["eval_loss_after"],
+             "perplexity": math.exp(min(report["eval_loss_after"], 50))})
+    metrics.close()
+    save_checkpoint(out, step, model, optimizer, cfg, acfg, position, metrics_state)
+    save_adapter(model, out / "adapter", acfg)
+    plot_losses(out)
+    if report.get("eval_loss_before") is not None:
+        print(f"eval loss: {report['eval_loss_before']:.4f} -> {report['eval_loss_after']:.4f}")
+    if demo_eval is not None:
+        report["after"] = demo_report(model, tok, demo_eval)
+        print_demo_summary(report)
+    print(f"adapter saved to {out / 'adapter'}")
+    if cfg.push_to_hub:
+        from .checkpoint import push_to_hub
+
+        push_to_hub(out / "adapter", cfg.push_to_hub)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+# ----------------------------------------------------------------------------- demo report and plot
+
+def demo_report(model, tok, records) -> dict:
+    """Exact-match accuracy of greedy answers on the held-out demo questions, and one sample."""
+    from .demo import final_answer
+    from .generate import generate, model_eos_ids
+
+    prompts = [tok.encode(tok.apply_chat_template(r["messages"][:-1], add_generation_prompt=True),
+                          add_special_tokens=False) for r in records]
+    outs = generate(model, prompts, max_new_tokens=48, eos_ids=model_eos_ids(tok.folder, tok),
+                    pad_id=D.pad_id_for(tok))
+    texts = [tok.decode(o, skip_special_tokens=True) for o in outs]
+    correct = [final_answer(t) == r["answer"] for t, r in zip(texts, records)]
+    return {"accuracy": sum(correct) / len(correct), "n": len(correct),
+            "question": records[0]["messages"][0]["content"], "sample": texts[0], "expected": records[0]["answer"]}
+
+
+def print_demo_summary(report: dict):
+    b, a = report["before"], report["after"]
+    print("\n" + "=" * 72)
+    print(f"held-out exact match: {b['accuracy']:.0%} -> {a['accuracy']:.0%}  ({a['n']} questions never trained on)")
+    print(f"eval loss:            {report['eval_loss_before']:.3f} -> {report['eval_loss_after']:.3f}")
+    print(f"question: {a['question']}   (expected: {a['expected']})")
+    print(f"--- before ---\n{b['sample'].strip()}\n--- after ---\n{a['sample'].strip()}")
+    print("=" * 72)
+
+
+def plot_losses(out: Path):
+    """loss.png: train loss per step and eval loss, if matplotlib is installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for split, style in (("train", "-"), ("eval", "o--")):
+        pts = [(r["step"], r["loss"]) for r in rows if r.get("split") == split]
+        if pts:
+            ax.plot(*zip(*pts), style, label=split)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean over label tokens)")
+    ax.set_title(f"minilora: {out.name}")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = out / ".loss.png.tmp"
+    fig.savefig(tmp, format="png", dpi=110)
+    os.replace(tmp, out / "loss.png")
+    plt.close(fig)
+
+
+def main(argv=None):
+    prog = "minilora.train"
+    try:
+        cfg = parse_config(argv)
+        run(cfg)
+    except (ValueError, OSError, KeyError) as e:  # bad flags, data, files: the user's to fix
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        raise SystemExit(2)
+    except TrainingStopped as e:
+        print(f"{prog}: stopped: {e}", file=sys.stderr)
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM saves a checkpoint too
+    main()

@@ -1,0 +1,93 @@
+"""Data: prompt masking for each template, EOS, padding, and errors that name file and line."""
+import json
+
+import pytest
+
+from minilora import data as D
+from minilora.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(smollm2):
+    return Tokenizer(smollm2)
+
+
+RECORDS = {
+    "alpaca": {"instruction": "Add 2 and 3.", "input": "", "output": "5"},
+    "r1": {"Question": "Is 7 prime?", "Complex_CoT": "7 has no divisors but 1 and 7.", "Response": "Yes."},
+    "chat": {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there!"}]},
+    "text": {"text": "Just some text to learn."},
+}
+RESPONSES = {"alpaca": "5", "r1": "<think>\n7 has no divisors but 1 and 7.\n</think>\nYes.",
+             "chat": "Hello there!<|im_end|>\n", "text": "Just some text to learn."}
+
+
+@pytest.mark.parametrize("template", list(RECORDS))
+def test_labels_are_exactly_the_response_plus_eos(tok, template):
+    rec = RECORDS[template]
+    assert D.detect_template(set(rec)) == template
+    prompt, full = D.render(rec, template, tok)
+    ex = D.tokenize(prompt, full, tok, chat=template == "chat")
+    labelled = [i for i, lab in zip(ex.input_ids, ex.labels) if lab != D.IGNORE]
+    assert ex.labels[: len(ex.labels) - len(labelled)] == [D.IGNORE] * (len(ex.labels) - len(labelled))
+    eos = "" if template == "chat" else tok.eos_token  # the chat response already ends with <|im_end|>
+    assert tok.decode(labelled) == RESPONSES[template] + eos
+    # the unlabelled ids are exactly the prompt as the tokenizer encodes it alone
+    n_prompt = len(ex.labels) - len(labelled)
+    if template != "text":
+        assert ex.input_ids[:n_prompt] == tok.encode(prompt, add_special_tokens=template != "chat")
+
+
+def test_prompt_pairs_use_chat_template(tok):
+    rec = {"prompt": "Hi", "chosen": "Hello there!", "rejected": "Go away."}
+    assert D.detect_template(set(rec)) == "chat"
+    prompt, full = D.render(rec, "chat", tok)
+    assert full.endswith("<|im_start|>assistant\nHello there!<|im_end|>\n") and "Go away" not in full
+
+
+def test_pad_is_never_eos(tok):
+    assert tok.pad_id == tok.eos_id  # SmolLM2 ships pad = eos = <|im_end|> ...
+    assert D.pad_id_for(tok) != tok.eos_id  # ... so we pad with another id
+    a, b = D.Example([1, 2, 3], [D.IGNORE, 2, 3]), D.Example([4], [4])
+    batch = D.collate([a, b], pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
+    assert batch["labels"].tolist() == [[D.IGNORE, 2, 3], [4, D.IGNORE, D.IGNORE]]
+
+
+def test_truncate_or_drop(tok):
+    recs = [{"text": "word " * 200}, {"text": "short"}]
+    ex, stats = D.build_examples(recs, "text", tok, max_seq_len=32, truncation="truncate")
+    assert stats["truncated"] == 1 and max(len(e.input_ids) for e in ex) == 32
+    ex, stats = D.build_examples(recs, "text", tok, max_seq_len=32, truncation="drop")
+    assert stats["dropped"] == 1 and len(ex) == 1
+
+
+def test_malformed_jsonl_names_every_bad_line(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"text": "ok"}\n{"text": broken}\n\n[1, 2]\n{"text": "fine"}\n')
+    with pytest.raises(D.DataError) as e:
+        D.read_records(f)
+    assert f"{f}:2: malformed JSON" in str(e.value) and f"{f}:line 4: expected a JSON object" in str(e.value)
+    recs, problems = D.read_records(f, bad_rows="skip")
+    assert [r["text"] for r in recs] == ["ok", "fine"] and len(problems) == 2
+
+
+def test_json_list_and_non_utf8(tmp_path):
+    f = tmp_path / "d.json"
+    f.write_text(json.dumps([{"text": "a"}, {"text": "b"}]))
+    assert len(D.read_records(f)[0]) == 2
+    g = tmp_path / "bad.jsonl"
+    g.write_bytes(b'{"text": "ok"}\n{"text": "\xff\xfe"}\n')
+    with pytest.raises(D.DataError, match=r"bad.jsonl:2: not valid UTF-8"):
+        D.read_records(g)
+
+
+def test_missing_columns_name_found_columns_and_templates():
+    with pytest.raises(D.DataError, match=r"columns \['answer', 'query'\] fit no template.*alpaca: instruction, output"):
+        D.detect_template({"query", "answer"})
+
+
+def test_missing_field_in_one_row(tok):
+    rec = {"instruction": "x", "_where": "f.jsonl:7"}
+    with pytest.raises(D.DataError, match=r"f.jsonl:7: column\(s\) \['output'\] missing"):
+        D.render(rec, "alpaca", tok)
