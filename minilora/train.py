@@ -145,6 +145,14 @@ def config_from_json(path: str) -> dict:
     return out
 
 
+# The names trl / transformers / peft users type, mapped to ours for the "did you mean" hint.
+PEER_FLAGS = {"--learning-rate": "--lr", "--lora-r": "--r", "--lora-alpha": "--alpha", "--lora-dropout": "--dropout",
+              "--per-device-train-batch-size": "--batch-size", "--gradient-accumulation-steps": "--grad-accum",
+              "--num-train-epochs": "--epochs", "--target-modules": "--targets", "--max-seq-length": "--max-seq-len",
+              "--lr-scheduler-type": "--scheduler", "--use-rslora": "--rslora", "--load-in-4bit": "(the default)",
+              "--dataset": "--data", "--model-name": "--model", "--model-name-or-path": "--model"}
+
+
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
     argv = sys.argv[1:] if argv is None else argv
     p = parser()
@@ -152,7 +160,9 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     if unknown:
         flags = [a.split("=")[0] for a in unknown if a.startswith("-")] or unknown
         options = [o for a in p._actions for o in a.option_strings]
-        raise UsageError(f"unknown argument {flags[0]!r}.{D.closest(flags[0], options)}")
+        flag = flags[0].replace("_", "-")
+        hint = f" Did you mean {PEER_FLAGS[flag]!r}?" if flag in PEER_FLAGS else D.closest(flag, options)
+        raise UsageError(f"unknown argument {flags[0]!r}.{hint}")
     given = vars(args)
     values = config_from_json(given["config"]) if given.get("config") else {}
     values.update(given)
