@@ -108,7 +108,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, eos_ids, p
 
     Returns the new tokens of each row, ending with its first EOS id if it produced one.
     `on_token(row, token_id)` is called for every new token as soon as it exists (for streaming).
-    `pad_id` fills the left padding; any id will do, as padded positions are masked out.
+    `pad_id` fills the left padding (default 0); any id in the vocabulary will do, as padded positions
+    are masked out. An EOS id that is not in the vocabulary (say -1) is allowed: it never stops a row.
     The model is put in eval mode for the call and given back in the mode it came in.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -119,12 +120,18 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, eos_ids, p
     eos = set(_as_list(eos_ids))
     if not eos:
         raise ValueError("eos_ids is empty: generation would never stop early; see model_eos_ids().")
+    pad = 0 if pad_id is None else pad_id
+    vocab = model.config.vocab_size
+    for i, p in enumerate([*prompts, [pad]]):
+        if not 0 <= min(p) <= max(p) < vocab:  # on CUDA an out-of-range id is an opaque device-side assert
+            what = f"prompt {i}" if i < len(prompts) else "pad_id"
+            raise ValueError(f"{what} holds token ids outside the model's vocabulary [0, {vocab}); "
+                             "was it encoded with this model's tokenizer?")
     B, L = len(prompts), max(len(p) for p in prompts)
     out: list[list[int]] = [[] for _ in prompts]
     if max_new_tokens == 0:
         return out
     device = model.model.embed_tokens.weight.device
-    pad = next(iter(eos)) if pad_id is None else pad_id
     total = L + max_new_tokens  # cache columns: the padded prompt, then one per new token
 
     # Left padding: row b's prompt occupies columns L - n_b .. L-1.

@@ -181,7 +181,7 @@ def test_eos_ids_collects_every_source(smollm2, tmp_path):
     ids = model_eos_ids(tmp_path, Tokenizer(tmp_path))
     want = {AutoTokenizer.from_pretrained(tmp_path).eos_token_id, *GenerationConfig.from_pretrained(tmp_path).eos_token_id}
     assert set(ids) == want | {2, 0} and len(ids) == len(set(ids))  # {2, 0, 7}, no repeats
-    assert ids[0] == 2  # the tokenizer's own eos first (used as the default pad)
+    assert ids[0] == 2  # the tokenizer's own eos first
 
 
 # ----------------------------------------------------------------------------- streaming text
@@ -261,3 +261,10 @@ def test_cli_bad_adapter_is_a_one_line_error(smollm2, tmp_path, capsys):
     assert code == 2 and out == ""
     assert err == f"minilora.generate: error: --adapter {tmp_path}: {tmp_path}: no adapter_config.json; " \
                   "is this a LoRA adapter folder?\n"
+
+
+def test_bad_prompts_are_named(ours):
+    with pytest.raises(ValueError, match="prompt 1 holds token ids outside the model's vocabulary"):
+        generate(ours, [[1, 2], [5, 49152]], 2, eos_ids=[2])
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(ours, [[1, 2], []], 2, eos_ids=[2])
