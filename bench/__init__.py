@@ -1,0 +1,1 @@
+"""Benchmarks: minilora's QLoRA training against transformers+peft and unsloth (see bench/README.md)."""

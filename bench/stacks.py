@@ -1,0 +1,184 @@
+"""The three QLoRA stacks under test, each reduced to the same two things:
+
+    run = load(stack, folder, settings)   # checkpoint folder -> NF4 base + LoRA + optimizer
+    loss = run.step(input_ids)            # forward, backward, clip 1.0, AdamW8bit step
+
+Everything a reader would want held equal is held equal here:
+- the weights: one checkpoint folder (bench/shapes.py), loaded by each stack's own loader;
+- NF4 with double quantization, bf16 compute (fp32 on the CPU), lm_head and embeddings unquantized;
+- LoRA r/alpha on q,k,v,o,gate,up,down, no dropout, no bias, fp32 factors, B = 0 at the start;
+- the optimizer: minilora.train.make_optimizer (bitsandbytes AdamW8bit, lr 2e-4, weight decay 0.01),
+  the same function for every stack, then clip_grad_norm_(1.0);
+- the loss: mean token cross-entropy with labels = input_ids (every token labelled).
+
+What differs is each stack's own model code, kernels, gradient checkpointing and loss.
+`import unsloth` must run before transformers is imported (it patches it), so nothing
+here imports transformers, peft or unsloth at module level.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from minilora.checkpoint import load_model
+from minilora.lora import ALL_TARGETS, apply_lora
+from minilora.train import TrainConfig, make_optimizer, train_step
+
+STACKS = ("minilora", "peft", "unsloth")
+
+
+@dataclass
+class Settings:
+    rank: int = 16
+    alpha: float = 16.0
+    checkpointing: bool = True  # recompute each decoder layer in backward ("unsloth" mode for unsloth)
+    max_seq: int = 2048  # unsloth sizes its RoPE cache by it
+    device: str = "cuda"
+    lr: float = 2e-4
+    seed: int = 0  # LoRA A init (B starts at 0, so the first loss does not depend on it)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """bf16 on the GPU, as everyone trains; fp32 on the CPU, where bf16 matmuls are slow and inexact."""
+        return torch.bfloat16 if torch.device(self.device).type == "cuda" else torch.float32
+
+    def autocast(self):
+        dev = torch.device(self.device).type
+        return torch.autocast(dev, dtype=self.dtype, enabled=dev == "cuda")
+
+
+@dataclass
+class Run:
+    model: torch.nn.Module
+    params: list
+    optimizer: torch.optim.Optimizer
+    loss_backward: Callable[[torch.Tensor], float]  # forward + backward of one batch, returns the mean loss
+    quant: str = "nf4-dq"
+
+    def step(self, input_ids: torch.Tensor) -> float:
+        """One optimizer step on `input_ids` (B, T), every token labelled."""
+        loss = self.loss_backward(input_ids)
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+
+def _finish(model, s: Settings, loss_backward) -> Run:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise RuntimeError("no trainable parameters after applying LoRA")
+    opt = make_optimizer(params, TrainConfig(lr=s.lr, optim="adamw8bit"))
+    return Run(model, params, opt, loss_backward)
+
+
+def load_minilora(folder, s: Settings) -> Run:
+    """load_model (NF4 as tensors arrive) + apply_lora + train_step: the code `python -m minilora.train` runs."""
+    model = load_model(folder, device=s.device, dtype=s.dtype, quantize="nf4", double_quant=True, progress=False)
+    torch.manual_seed(s.seed)
+    apply_lora(model, r=s.rank, alpha=s.alpha, dropout=0.0, targets=ALL_TARGETS)
+    model.model.gradient_checkpointing = s.checkpointing
+    model.train()
+    autocast = s.autocast()
+
+    def loss_backward(ids):
+        loss, _ = train_step(model, [{"input_ids": ids, "labels": ids}], autocast)
+        return loss
+
+    return _finish(model, s, loss_backward)
+
+
+def _hf_loss_backward(model, s: Settings):
+    autocast = s.autocast()
+
+    def loss_backward(ids):
+        with autocast:
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss  # mean over B*(T-1) shifted tokens
+        loss.backward()
+        return loss.item()
+
+    return loss_backward
+
+
+def load_peft(folder, s: Settings) -> Run:
+    """transformers + bitsandbytes 4-bit + peft, set up as the QLoRA notebooks do, minus
+    prepare_model_for_kbit_training (it upcasts norms and embeddings to fp32, which minilora
+    and unsloth do not do, and which would change the memory being compared)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=s.dtype)
+    model, info = AutoModelForCausalLM.from_pretrained(
+        str(folder), quantization_config=q, dtype=s.dtype, attn_implementation="sdpa",
+        device_map={"": torch.device(s.device)}, output_loading_info=True)
+    wrong = [k for key in ("missing_keys", "unexpected_keys", "mismatched_keys") for k in info.get(key) or []]
+    if wrong:  # the weights would not be the ones minilora trains
+        raise RuntimeError(f"transformers did not load every checkpoint tensor: {wrong[:5]}")
+    if s.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    torch.manual_seed(s.seed)
+    cfg = LoraConfig(r=s.rank, lora_alpha=s.alpha, lora_dropout=0.0, target_modules=list(ALL_TARGETS), bias="none",
+                     task_type="CAUSAL_LM")
+    model = get_peft_model(model, cfg)
+    model.train()
+    return _finish(model, s, _hf_loss_backward(model, s))
+
+
+def load_unsloth(folder, s: Settings) -> Run:
+    """unsloth's FastLanguageModel with its own ("unsloth") gradient checkpointing. The caller must
+    have imported unsloth before anything imported transformers."""
+    if torch.device(s.device).type != "cuda":
+        raise RuntimeError("unsloth needs a CUDA GPU")
+    from unsloth import FastLanguageModel
+
+    model, _tok = FastLanguageModel.from_pretrained(str(folder), max_seq_length=s.max_seq, dtype=s.dtype,
+                                                    load_in_4bit=True)
+    model = FastLanguageModel.get_peft_model(
+        model, r=s.rank, target_modules=list(ALL_TARGETS), lora_alpha=s.alpha, lora_dropout=0, bias="none",
+        use_gradient_checkpointing="unsloth" if s.checkpointing else False, random_state=s.seed)
+    FastLanguageModel.for_training(model)
+    return _finish(model, s, _hf_loss_backward(model, s))
+
+
+def load(stack: str, folder, s: Settings) -> Run:
+    loaders = {"minilora": load_minilora, "peft": load_peft, "unsloth": load_unsloth}
+    if stack not in loaders:
+        raise ValueError(f"unknown stack {stack!r}; choose from {', '.join(STACKS)}.")
+    return loaders[stack](folder, s)
+
+
+def flops_per_token(cfg, seq: int, checkpointing: bool) -> float:
+    """Matmul FLOPs one training token costs (LoRA's own r*(in+out) terms, ~0.5% at r=16, left out).
+
+    frozen decoder linears: 2 (forward) + 2 (input gradient; no weight gradient) + 2 (recompute) per parameter
+    lm_head:                2 + 2 per parameter (the loss chunks recompute it too, but peers do not: not counted)
+    causal attention:       2 * seq * d_attn per layer forward (QK^T and AV over seq/2 keys on average),
+                            x (1 forward + 2 backward + 1 recompute)
+    Without checkpointing drop the recompute terms (4x linears, 3x attention). Counting the recompute
+    makes this "hardware FLOPs"; every stack recomputes, so the stacks' ratio is the tokens/s ratio.
+    """
+    h, i, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    d_q, d_kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    linear = L * (h * d_q + 2 * h * d_kv + d_q * h + 3 * h * i)
+    attention = L * 2 * seq * d_q
+    k_lin, k_att = (6, 4) if checkpointing else (4, 3)
+    return k_lin * linear + 4 * cfg.vocab_size * h + k_att * attention
+
+
+def is_oom(e: BaseException) -> bool:
+    """CUDA OOM as torch raises it, or as a library reports it (cuBLAS, bitsandbytes, triton)."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    msg = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in msg or "alloc_failed" in msg)
+
+
+def finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
