@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_adapter, load_model, resolve_model
+from .checkpoint import load_adapter, load_model, read_adapter_config, resolve_model
 from .tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------- EOS ids
@@ -160,8 +160,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, eos_ids, p
             hidden = model.model(ids, positions, mask, cache_pos=0)
             logits = model.lm_head(hidden[:, -1])
             for step in range(max_new_tokens):
-                tok = next_tokens(logits, temperature, top_k, top_p, generator)  # (B,)
-                for b, t in enumerate(tok.tolist()):  # one device->host copy per step, as transformers does
+                toks = next_tokens(logits, temperature, top_k, top_p, generator).tolist()  # (B,): one sync per
+                for b, t in enumerate(toks):  # step, as in transformers, to stream and to see every EOS
                     if done[b]:
                         continue
                     out[b].append(t)
@@ -172,7 +172,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, eos_ids, p
                     break
                 # One decode step: the new token sits at cache column L + step and at position n_b + step.
                 col = L + step
-                inp = torch.tensor([[pad if d else t] for d, t in zip(done, tok.tolist())], device=device)
+                inp = torch.tensor([[pad if d else t] for d, t in zip(done, toks)], device=device)  # (B, 1)
                 pos = (lengths + step)[:, None]  # (B, 1)
                 step_mask = real[:, None, None, : col + 1]  # (B, 1, 1, col+1): every real key so far
                 hidden = model.model(inp, pos, step_mask, cache_pos=col)
@@ -329,6 +329,11 @@ def pick_device(name: str) -> torch.device:
 
 def load(args, device):
     """The model (NF4 unless --no-4bit), its adapter, tokenizer and EOS ids; loading errors become UserError."""
+    if args.adapter:  # check the adapter's files before spending minutes loading an 8B model
+        try:
+            read_adapter_config(args.adapter)
+        except (FileNotFoundError, ValueError) as e:
+            raise UserError(f"--adapter {args.adapter}: {e.args[0] if e.args else e}") from None
     try:
         folder = resolve_model(args.model)
         tok = Tokenizer(folder)
@@ -410,6 +415,9 @@ def main(argv=None) -> int:
         check_args(args)
         device = pick_device(args.device)
         model, tok, eos = load(args, device)
+        if device.type == "cpu" and not args.no_4bit:
+            print("minilora.generate: note: NF4 on the CPU dequantizes every weight for every token and is ~20x "
+                  "slower than --no-4bit (fp32), which small models can afford.", file=sys.stderr)
         if args.chat:
             chat_loop(model, tok, eos, args)
         elif args.raw:

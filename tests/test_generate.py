@@ -259,8 +259,8 @@ def test_cli_bad_adapter_is_a_one_line_error(smollm2, tmp_path, capsys):
     code = main(["--model", str(smollm2), "--adapter", str(tmp_path), "--prompt", "hi", "--no-4bit", "--device", "cpu"])
     out, err = capsys.readouterr()
     assert code == 2 and out == ""
-    assert err == f"minilora.generate: error: --adapter {tmp_path}: {tmp_path}: no adapter_config.json; " \
-                  "is this a LoRA adapter folder?\n"
+    assert err.startswith(f"minilora.generate: error: --adapter {tmp_path}: ") and "adapter_config.json" in err
+    assert err.count("\n") == 1
 
 
 def test_bad_prompts_are_named(ours):
