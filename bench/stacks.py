@@ -12,22 +12,19 @@ Everything a reader would want held equal is held equal here:
 - the loss: mean token cross-entropy with labels = input_ids (every token labelled).
 
 What differs is each stack's own model code, kernels, gradient checkpointing and loss.
-`import unsloth` must run before transformers is imported (it patches it), so nothing
-here imports transformers, peft or unsloth at module level.
+Each loader imports its own stack when called: `import unsloth` must run before
+transformers is imported (it patches it), and the parent processes of the
+benchmarks, which only write checkpoints and collect rows, stay light.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from minilora.checkpoint import load_model
-from minilora.lora import ALL_TARGETS, apply_lora
-from minilora.train import TrainConfig, make_optimizer, train_step
-
 STACKS = ("minilora", "peft", "unsloth")
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # minilora's ALL_TARGETS
 
 
 @dataclass
@@ -68,6 +65,8 @@ class Run:
 
 
 def _finish(model, s: Settings, loss_backward) -> Run:
+    from minilora.train import TrainConfig, make_optimizer
+
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise RuntimeError("no trainable parameters after applying LoRA")
@@ -77,9 +76,13 @@ def _finish(model, s: Settings, loss_backward) -> Run:
 
 def load_minilora(folder, s: Settings) -> Run:
     """load_model (NF4 as tensors arrive) + apply_lora + train_step: the code `python -m minilora.train` runs."""
+    from minilora.checkpoint import load_model
+    from minilora.lora import apply_lora
+    from minilora.train import train_step
+
     model = load_model(folder, device=s.device, dtype=s.dtype, quantize="nf4", double_quant=True, progress=False)
     torch.manual_seed(s.seed)
-    apply_lora(model, r=s.rank, alpha=s.alpha, dropout=0.0, targets=ALL_TARGETS)
+    apply_lora(model, r=s.rank, alpha=s.alpha, dropout=0.0, targets=TARGETS)
     model.model.gradient_checkpointing = s.checkpointing
     model.train()
     autocast = s.autocast()
@@ -124,7 +127,7 @@ def load_peft(folder, s: Settings) -> Run:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     torch.manual_seed(s.seed)
-    cfg = LoraConfig(r=s.rank, lora_alpha=s.alpha, lora_dropout=0.0, target_modules=list(ALL_TARGETS), bias="none",
+    cfg = LoraConfig(r=s.rank, lora_alpha=s.alpha, lora_dropout=0.0, target_modules=list(TARGETS), bias="none",
                      task_type="CAUSAL_LM")
     model = get_peft_model(model, cfg)
     model.train()
@@ -141,10 +144,22 @@ def load_unsloth(folder, s: Settings) -> Run:
     model, _tok = FastLanguageModel.from_pretrained(str(folder), max_seq_length=s.max_seq, dtype=s.dtype,
                                                     load_in_4bit=True)
     model = FastLanguageModel.get_peft_model(
-        model, r=s.rank, target_modules=list(ALL_TARGETS), lora_alpha=s.alpha, lora_dropout=0, bias="none",
+        model, r=s.rank, target_modules=list(TARGETS), lora_alpha=s.alpha, lora_dropout=0, bias="none",
         use_gradient_checkpointing="unsloth" if s.checkpointing else False, random_state=s.seed)
     FastLanguageModel.for_training(model)
     return _finish(model, s, _hf_loss_backward(model, s))
+
+
+def import_stack(stack: str):
+    """Import a stack's libraries ahead of `load`, so that load times do not include Python imports."""
+    import minilora.checkpoint  # noqa: F401
+    import minilora.train  # noqa: F401
+
+    if stack == "peft":
+        import peft  # noqa: F401
+        from transformers import AutoModelForCausalLM  # noqa: F401
+    elif stack == "unsloth":
+        import unsloth  # noqa: F401
 
 
 def load(stack: str, folder, s: Settings) -> Run:
@@ -178,7 +193,3 @@ def is_oom(e: BaseException) -> bool:
         return True
     msg = str(e).lower()
     return isinstance(e, RuntimeError) and ("out of memory" in msg or "alloc_failed" in msg)
-
-
-def finite(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)

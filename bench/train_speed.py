@@ -140,6 +140,7 @@ def measure(stack: str, folder, shape: str, a) -> dict:
     s = stacks.Settings(rank=a.rank, alpha=a.alpha, checkpointing=a.checkpointing == "on", max_seq=a.seq,
                         device=a.device, seed=a.seed)
     data = batches(shape, a).to(device)
+    stacks.import_stack(stack)
     gib = 2**30
     sync(device)
     if cuda:
@@ -231,8 +232,8 @@ def worker_main(a):
 # ----------------------------------------------------------------------------- the run
 
 def matmul_tflops(device: torch.device) -> float:
-    """The achievable matmul rate here: 8192^3 bf16 on the GPU (1024^3 fp32 on the CPU), median of 5 x 10."""
-    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+    """The achievable matmul rate here: 8192^3 bf16 on the GPU (512^3 fp32 on the CPU), median of 5 x 10."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (512, torch.float32)
     x = torch.randn(n, n, device=device, dtype=dtype)
     y = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
@@ -268,10 +269,11 @@ def versions() -> dict:
     return out
 
 
-def unavailable(stack: str, device: torch.device) -> str | None:
+def unavailable(stack: str, device) -> str | None:
+    """Why `stack` cannot run here, or None."""
     if stack == "unsloth" and importlib.util.find_spec("unsloth") is None:
         return "not run: unsloth is not installed"
-    if stack == "unsloth" and device.type != "cuda":
+    if stack == "unsloth" and torch.device(device).type != "cuda":
         return "not run: unsloth needs a CUDA GPU"
     return None
 

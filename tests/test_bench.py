@@ -1,0 +1,132 @@
+"""bench/ in its CPU mode: the GPU benchmark's code paths, end to end, on a tiny random model.
+
+Speed is not checked (a shared CPU, a tiny model). What is checked is what the GPU
+run relies on: one row per stack with every required key and one run_id; minilora's
+and peft's first-step losses agree (the same checkpoint reached through two loaders);
+report.py writes a table and a PNG; max_context's bisection finds the boundary.
+The two scripts run as subprocesses, the way they run on the GPU machine, side by side.
+"""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # bench/ is a folder of scripts beside the package
+
+from bench import report  # noqa: E402
+from bench.max_context import bisect_max  # noqa: E402
+from bench.train_speed import REQUIRED, compare  # noqa: E402
+
+
+def _env():
+    # One thread per process: two scripts share the CI machine's cores, and oversubscribed
+    # OpenMP threads spin-wait (a 0.1 s step took 5 s with 2 threads on a busy 2-core box).
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def cpu_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    speed, ctx = tmp / "train_speed.jsonl", tmp / "max_context.jsonl"
+    py = sys.executable
+    procs = [
+        subprocess.Popen([py, "bench/train_speed.py", "--shape", "tiny", "--device", "cpu", "--stacks", "minilora,peft",
+                          "--steps", "2", "--warmup", "1", "--seq", "128", "--out", str(speed), "--tmp", str(tmp)],
+                         cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
+        subprocess.Popen([py, "bench/max_context.py", "--shape", "tiny", "--device", "cpu", "--stacks", "minilora",
+                          "--lo", "64", "--hi", "192", "--step", "64", "--out", str(ctx), "--tmp", str(tmp)],
+                         cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
+    ]
+    for p in procs:
+        log, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, log[-3000:]
+    return tmp, speed, ctx
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_train_speed_rows(cpu_runs):
+    _, speed, _ = cpu_runs
+    rows = _rows(speed)
+    assert [r["stack"] for r in rows] == ["minilora", "peft"]
+    assert len({r["run_id"] for r in rows}) == 1
+    for r in rows:
+        assert set(REQUIRED) <= set(r), sorted(set(REQUIRED) - set(r))
+        assert not r.get("error"), r.get("error")
+        assert (r["shape"], r["batch"], r["seq"], r["device"], r["quant"]) == ("tiny", 2, 128, "cpu", "nf4-dq")
+        assert len(r["step_times_s"]) == 3 and r["tokens_per_s"] > 0 and 0 < r["mfu"]
+        assert r["loss_match"] is True
+        # a random 512-token model starts near ln(512) = 6.24
+        assert abs(r["loss_first"] - math.log(512)) < 0.5 and math.isfinite(r["loss_last"])
+        assert r["versions"]["torch"] and r["versions"]["peft"] and r["versions"]["minilora"]
+    # fp32 on the CPU with identical NF4 codes: only the summation order differs (seen: 2e-8)
+    assert rows[1]["loss_rel_diff"] < 1e-5
+    assert rows[0]["vs_peft"]["tokens_per_s"] == pytest.approx(rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"])
+    assert rows[1]["vs_peft"] is None and rows[0]["vs_unsloth"] is None
+
+
+def test_compare_flags_a_loss_mismatch():
+    rows = [{"stack": s, "shape": "tiny", "loss_first": loss, "tokens_per_s": tps, "peak_allocated_gib": mem,
+             "peak_reserved_gib": mem} for s, loss, tps, mem in
+            (("minilora", 10.0, 200.0, 1.0), ("peft", 10.05, 100.0, 4.0), ("unsloth", 10.2, 400.0, 2.0))]
+    compare(rows)
+    assert [r["loss_match"] for r in rows] == [True, True, False]  # 0.5% passes, 2% does not
+    assert rows[0]["vs_peft"] == {"tokens_per_s": 2.0, "peak_allocated": 0.25, "peak_reserved": 0.25}
+    assert rows[0]["vs_unsloth"]["tokens_per_s"] == 0.5 and rows[2]["vs_peft"]["tokens_per_s"] == 4.0
+
+
+def test_report_writes_table_and_chart(cpu_runs):
+    tmp, speed, ctx = cpu_runs
+    readme, png = tmp / "README.md", tmp / "chart.png"
+    shutil.copy(ROOT / "bench" / "README.md", readme)
+    report.main(["--results", str(speed), "--max-context", str(ctx), "--readme", str(readme), "--png", str(png)])
+    text = readme.read_text()
+    table = text.split("<!-- bench-table -->")[1].split("<!-- /bench-table -->")[0]
+    run_id = _rows(speed)[0]["run_id"]
+    assert run_id in table and "| minilora |" in table and "| peft |" in table
+    assert "minilora / peft:" in table and "no run recorded" not in table
+    context = text.split("<!-- max-context-table -->")[1].split("<!-- /max-context-table -->")[0]
+    assert "| tiny | minilora | 192 (the --hi cap) |" in context
+    assert text.count("<!-- bench-table -->") == 1  # replaced between the markers, not appended
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_max_context_cpu_answers_hi(cpu_runs):
+    _, _, ctx = cpu_runs
+    (row,) = _rows(ctx)
+    assert (row["stack"], row["max_seq"], row["capped"], row["error"]) == ("minilora", 192, True, None)
+    assert [p["seq"] for p in row["probes"]] == [192] and row["probes"][0]["ok"]
+
+
+@pytest.mark.parametrize("limit", [0, 63, 64, 100, 128, 1000, 4095, 4096, 5000])
+def test_bisect_max_finds_the_boundary(limit):
+    lo, hi, step = 64, 4096, 64
+    seen = []
+
+    def probe(n):  # "fits" up to `limit` tokens
+        seen.append(n)
+        return n <= limit
+
+    best = bisect_max(probe, lo, hi, step)
+    if limit < lo:
+        assert best is None
+    elif limit >= hi:
+        assert best == hi and seen == [hi]
+    else:
+        assert best <= limit < best + step and (best - lo) % step == 0
+    assert len(seen) <= math.ceil(math.log2((hi - lo) / step)) + 2
+
+
+def test_targets_are_minilora_targets():
+    from bench.stacks import TARGETS
+    from minilora.lora import ALL_TARGETS
+
+    assert TARGETS == ALL_TARGETS
