@@ -2,49 +2,74 @@
 
 The naive loss builds logits (B, T, V) in fp32: for batch 2 x 2048 and Qwen's
 V = 151,936 that is 2.3 GiB, plus as much again for its gradient, the largest
-tensors of the whole step. Two observations remove them:
+tensors of the whole step. Three observations remove them:
 
 1. Only positions with a label need logits. Prompt-masked SFT data often has
    half its tokens in the prompt, so we first gather the hidden states of the
-   labelled positions: h (N, H) with N = number of label tokens.
-2. Those N rows are processed in chunks of `chunk` rows; each chunk's logits
-   are recomputed in backward (activation checkpointing) instead of stored, so
-   peak memory is one chunk of (chunk, V) fp32 logits.
+   labelled positions: h (N, H), N = number of label tokens.
+2. The gradient of the loss with respect to the logits is known in the forward
+   pass already: d/dz [logsumexp(z) - z_y] = softmax(z) - onehot(y). So each
+   chunk of rows computes its logits, its loss and its contribution to dL/dh
+   = (softmax - onehot) @ W, then drops the logits. Backward only scales the
+   stored dL/dh (N, H) by the incoming gradient.
+3. lm_head is frozen in LoRA, so dL/dW is never needed.
 
-Loss math: the model at position t predicts token t+1, so hidden[:, :-1]
-pairs with labels[:, 1:]. We return the SUM of token losses and the token
-count; the caller divides once by the count over the whole optimizer step
-(see train.py for why per-micro-batch means are wrong).
+Peak memory: one chunk of (rows, V) fp32 logits plus h's gradient; FLOPs: the
+same 2 matmuls (logits, dL/dh) that full logits need, with no recompute.
+
+Loss math: the model at position t predicts token t+1, so hidden[:, :-1] pairs
+with labels[:, 1:]. We return the SUM of token losses and the token count; the
+caller divides once by the count over the whole optimizer step (see train.py).
+`reference_loss` is the plain version the tests compare against.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from .data import IGNORE
 
+LOGIT_ELEMENTS = 2**27  # rows per chunk = this / vocab: 512 MiB of fp32 logits at a time
 
-def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = (h @ weight.T).float()  # (chunk, V), fp32 for a stable log-softmax
-    return F.cross_entropy(logits, targets, reduction="sum")
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i @ W.T, y_i), computing dL/dh chunk by chunk during the forward pass."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, rows: int):
+        need_grad = ctx.needs_input_grad[0]
+        grad_h = torch.empty_like(h) if need_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        w = weight.to(h.dtype)
+        for i in range(0, h.shape[0], rows):
+            logits = (h[i: i + rows] @ w.T).float()  # (rows, V)
+            yi = y[i: i + rows]
+            lse = torch.logsumexp(logits, dim=-1)  # (rows,)
+            total += (lse - logits.gather(1, yi[:, None]).squeeze(1)).sum()
+            if need_grad:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                probs[torch.arange(len(yi), device=y.device), yi] -= 1.0  # - onehot(y)
+                grad_h[i: i + rows] = probs.to(h.dtype) @ w
+        ctx.save_for_backward(grad_h)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * grad_out.to(grad_h.dtype), None, None, None
 
 
 def causal_lm_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
-                   chunk: int = 4096) -> tuple[torch.Tensor, int]:
+                   rows: int | None = None) -> tuple[torch.Tensor, int]:
     """(sum of token losses, number of label tokens) for hidden (B, T, H) and labels (B, T)."""
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # position t predicts t+1
     y = labels[:, 1:].reshape(-1)
     keep = (y != IGNORE).nonzero().squeeze(1)
     h, y = h.index_select(0, keep), y.index_select(0, keep)  # (N, H), (N,)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for i in range(0, y.numel(), chunk):
-        hi, yi = h[i: i + chunk], y[i: i + chunk]
-        if torch.is_grad_enabled() and hi.requires_grad:
-            total = total + checkpoint(_chunk_loss, hi, lm_head_weight, yi, use_reentrant=False)
-        else:
-            total = total + _chunk_loss(hi, lm_head_weight, yi)
-    return total, y.numel()
+    rows = rows or max(16, LOGIT_ELEMENTS // lm_head_weight.shape[0])
+    if h.requires_grad and lm_head_weight.requires_grad:
+        raise ValueError("causal_lm_loss assumes a frozen lm_head (LoRA does not train it).")
+    return LinearCrossEntropy.apply(h, lm_head_weight, y, rows), y.numel()
 
 
 def reference_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:

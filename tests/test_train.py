@@ -46,7 +46,7 @@ def test_chunked_loss_equals_full_logits_cross_entropy(tmp_path):
     model = lora_model(tmp_path / "m")
     b = D.collate(uneven_batch(), pad_id=0)
     h = model.model(b["input_ids"])
-    ours, n = causal_lm_loss(h, model.lm_head.weight, b["labels"], chunk=7)  # several chunks
+    ours, n = causal_lm_loss(h, model.lm_head.weight, b["labels"], rows=7)  # several chunks
     ref, n_ref = reference_loss(model.lm_head(h), b["labels"])
     assert n == n_ref
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-5)
