@@ -19,6 +19,7 @@ import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 BLOCKSIZE = 64  # weights per absmax block, as in the QLoRA paper and bitsandbytes' default
 
@@ -52,9 +53,11 @@ class NF4Linear(nn.Module):
         return bnbF.dequantize_4bit(self.weight, self.quant_state).to(self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # bitsandbytes dequantizes blockwise into x's dtype and runs one GEMM (or a fused
-        # 4-bit GEMV for single-token decoding); its backward gives x.grad only.
-        return bnb.matmul_4bit(x.to(self.compute_dtype), self.weight.t(), self.quant_state, bias=self.bias)
+        x = x.to(self.compute_dtype)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return NF4Matmul.apply(x, self.weight, self.bias, self.quant_state)
+        # No gradient: bitsandbytes' own path (a fused 4-bit GEMV when decoding one token at a time).
+        return bnb.matmul_4bit(x, self.weight.t(), self.quant_state, bias=self.bias)
 
     def _apply(self, fn, recurse=True):
         # `.to(device)` moves the buffers; the statistics live outside the tensor tree.
@@ -69,6 +72,30 @@ class NF4Linear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"quant_type={qs.quant_type}, double_quant={qs.nested}, compute_dtype={self.compute_dtype}"
         )
+
+
+class NF4Matmul(torch.autograd.Function):
+    """y = x @ dequant(W).T + b, re-dequantizing W in backward instead of saving it.
+
+    Saving the dense bf16 weight for backward would keep a 16-bit copy of every
+    layer alive until backward reaches it, undoing the 4-bit storage. Instead,
+    backward dequantizes again (a memory-bound pass over 4.13 bits/weight, far
+    cheaper than the matmul) and computes dL/dx = dL/dy @ W. W is frozen, so there
+    is no dL/dW. bitsandbytes' `matmul_4bit` does the same; this version calls
+    bitsandbytes' registered torch ops only, so `torch.compile` can trace it.
+    """
+
+    @staticmethod
+    def forward(ctx, x, packed, bias, quant_state):
+        ctx.quant_state = quant_state
+        ctx.save_for_backward(packed)
+        return F.linear(x, bnbF.dequantize_4bit(packed, quant_state).to(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (packed,) = ctx.saved_tensors
+        w = bnbF.dequantize_4bit(packed, ctx.quant_state).to(grad_y.dtype)
+        return grad_y @ w, None, None, None
 
 
 def quantized_bytes(model: nn.Module) -> int:

@@ -30,6 +30,11 @@ def test_nf4_linear_matches_bitsandbytes_linear4bit(quant_type, double_quant):
     dense = bnbF.dequantize_4bit(ref.weight.data, ref.weight.quant_state)
     torch.testing.assert_close(ours(x), x @ dense.T + b, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(ours.dequantize(), dense, atol=0, rtol=0)
+    # backward: our re-dequantizing autograd function gives bnb's input gradient
+    xa, xb, g = x.clone().requires_grad_(), x.clone().requires_grad_(), torch.randn(3, 7, 96)
+    ours(xa).backward(g)
+    ref(xb).backward(g)
+    torch.testing.assert_close(xa.grad, xb.grad, atol=1e-4, rtol=1e-4)
 
 
 def test_qlora_equals_lora_over_dequantized_weight():
