@@ -42,7 +42,10 @@ def _unsloth_worker(argv: list[str]) -> bool:
 
 
 if __name__ == "__main__" and _unsloth_worker(sys.argv[1:]):
-    import unsloth  # noqa: F401  (before transformers, which it patches)
+    try:
+        import unsloth  # noqa: F401  (before transformers, which it patches)
+    except Exception:  # noqa: S110  loading imports it again and reports the error
+        pass
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -229,8 +232,8 @@ class Prober:
             self.proc = None
         self.log.append(row)
         verdict = "fits" if row["ok"] else f"does not fit ({row['error']})"
-        print(f"[{self.stack}] {n} tokens: {verdict}; {row.get('seconds', '?')}s, peak {row.get('peak_gib', '?')} GiB",
-              flush=True)
+        peak = f", peak {row['peak_gib']} GiB" if "peak_gib" in row else ""
+        print(f"[{self.stack}] {n} tokens: {verdict}; {row.get('seconds', '?')}s{peak}", flush=True)
         return row["ok"]
 
     def close(self):

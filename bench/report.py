@@ -164,7 +164,8 @@ def chart(run_id: str, rows: list[dict], png: Path):
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
         ax.margins(y=0.15)
-    axes[0].legend(fontsize=8)
+    if stack_names:
+        axes[0].legend(fontsize=8)
     r0 = rows[0]
     fig.suptitle(f"QLoRA training, batch {r0['batch']} x {r0['seq']}, r={r0['rank']}, "
                  f"{r0.get('gpu') or 'CPU'} (run {run_id})", fontsize=10)

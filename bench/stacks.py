@@ -117,9 +117,10 @@ def load_peft(folder, s: Settings) -> Run:
     hf_logging.disable_progress_bar()
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                            bnb_4bit_compute_dtype=s.dtype)
+    device = torch.cuda.current_device() if torch.device(s.device).type == "cuda" else "cpu"
     model, info = AutoModelForCausalLM.from_pretrained(
-        str(folder), quantization_config=q, dtype=s.dtype, attn_implementation="sdpa",
-        device_map={"": torch.device(s.device)}, output_loading_info=True)
+        str(folder), quantization_config=q, dtype=s.dtype, attn_implementation="sdpa", device_map={"": device},
+        output_loading_info=True)
     wrong = [k for key in ("missing_keys", "unexpected_keys", "mismatched_keys") for k in info.get(key) or []]
     if wrong:  # the weights would not be the ones minilora trains
         raise RuntimeError(f"transformers did not load every checkpoint tensor: {wrong[:5]}")

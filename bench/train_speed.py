@@ -68,7 +68,10 @@ def _unsloth_first(argv: list[str]) -> bool:
 
 
 if __name__ == "__main__" and _unsloth_first(sys.argv[1:]):
-    import unsloth  # noqa: F401  (must be first: it patches transformers, peft and bitsandbytes)
+    try:
+        import unsloth  # noqa: F401  (must be first: it patches transformers, peft and bitsandbytes)
+    except Exception:  # noqa: S110  the unsloth stack imports it again and records the error in its row
+        pass
 
 import torch  # noqa: E402
 
@@ -113,8 +116,8 @@ def parse_args(argv=None):
             p.error(f"--stacks: unknown stack {s!r}; choose from {', '.join(stacks.STACKS)}")
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU is visible; use --device cpu (with --shape tiny) for the CPU mode")
-    if a.steps < 1 or a.warmup < 0:
-        p.error("--steps must be >= 1 and --warmup >= 0")
+    if min(a.steps, a.batch, a.seq, a.rank) < 1 or a.warmup < 0:
+        p.error("--steps, --batch, --seq and --rank must be >= 1, and --warmup >= 0")
     return a
 
 
@@ -191,12 +194,13 @@ def error_text(e: BaseException) -> str:
 
 def run_in_process(stack: str, folder, shape: str, a) -> dict:
     try:
-        return measure(stack, folder, shape, a)
+        figures = measure(stack, folder, shape, a)
     except Exception as e:  # an OOM or a peer's failure must not stop the other stacks
-        print(f"[{stack}] failed: {error_text(e)}", flush=True)
-        return {"error": error_text(e)}
-    finally:
-        free_memory()  # the failed run's frames are gone once the except block has ended
+        figures = {"error": error_text(e)}
+        print(f"[{stack}] failed: {figures['error']}", flush=True)
+    # past the except block the failed run's frames, and the model and tensors they held, are gone
+    free_memory()
+    return figures
 
 
 def run_isolated(stack: str, folder, shape: str, a) -> dict:
