@@ -68,6 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--checkpointing", choices=("on", "off"), default="on")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="minilora's per-layer compile")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--gpu-mem-gib", type=float, default=0, help="cap each worker to this much GPU memory; 0: all")
     p.add_argument("--probe-timeout", type=float, default=300, help="seconds one probe may take")
@@ -129,8 +130,8 @@ def worker_main(a):
         if cuda and a.gpu_mem_gib:
             total = torch.cuda.get_device_properties(device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, a.gpu_mem_gib * 2**30 / total), device)
-        s = stacks.Settings(rank=a.rank, alpha=a.alpha, checkpointing=a.checkpointing == "on", max_seq=a.hi,
-                            device=a.device, seed=a.seed)
+        s = stacks.Settings(rank=a.rank, alpha=a.alpha, checkpointing=a.checkpointing == "on", compile=a.compile,
+                            max_seq=a.hi, device=a.device, seed=a.seed)
         run = stacks.load(a.worker, a.folder, s)
     except Exception as e:
         answer({"ready": False, "error": error_text(e)})
@@ -197,7 +198,8 @@ class Prober:
         a = self.a
         flags = ["--worker", self.stack, "--folder", self.folder, "--results", self.results, "--shape", a.shape,
                  "--hi", a.hi, "--lo", a.lo, "--rank", a.rank, "--alpha", a.alpha, "--checkpointing",
-                 a.checkpointing, "--device", a.device, "--gpu-mem-gib", a.gpu_mem_gib, "--seed", a.seed]
+                 a.checkpointing, "--compile", a.compile, "--device", a.device, "--gpu-mem-gib", a.gpu_mem_gib,
+                 "--seed", a.seed]
         self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve())] + [str(f) for f in flags],
                                      stdin=subprocess.PIPE, text=True, start_new_session=True)
         self.starts += 1
@@ -274,7 +276,8 @@ def main(argv=None):
             non_oom = [p["error"] for p in prober.log if not p["ok"] and not p.get("oom")]
             row = {"stack": stack, "shape": a.shape, "max_seq": best, "capped": best == a.hi, "batch": 1,
                    "lo": a.lo, "hi": a.hi, "step": a.step, "rank": a.rank, "alpha": a.alpha,
-                   "checkpointing": a.checkpointing, "gpu_mem_gib": a.gpu_mem_gib or None, "run_id": run_id,
+                   "checkpointing": a.checkpointing, "compile": a.compile if stack == "minilora" else None,
+                   "gpu_mem_gib": a.gpu_mem_gib or None, "run_id": run_id,
                    "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(time.perf_counter() - t, 1),
                    "device": a.device, "gpu": prober.gpu, "versions": vers, "worker_starts": prober.starts,
                    "probes": prober.log, "non_oom_failures": non_oom, "error": error}

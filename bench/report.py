@@ -104,7 +104,8 @@ def speed_table(run_id: str, rows: list[dict]) -> str:
             out.append(f"| {r['stack']} | {_num(r['tokens_per_s'])} | {_num(r['step_time_s_median'], '{:.3f}')} "
                        f"| {_num(peak, '{:.2f}')}{tag} | {_num(r.get('peak_reserved_gib'), '{:.2f}')} "
                        f"| {r['loss_first']:.4f} -> {r['loss_last']:.4f} | {_num(r.get('mfu'), '{:.1%}')} "
-                       f"| {_num(r.get('load_time_s'), '{:.1f}')} | {_num(r.get('load_peak_gib'), '{:.2f}')} | {match} |")
+                       f"| {_num(r.get('load_time_s'), '{:.1f}')} | {_num(r.get('load_peak_gib'), '{:.2f}')} "
+                       f"| {match} |")
         out += ["", _ratio_line(rs), ""]
     return "\n".join(out).rstrip() + "\n"
 

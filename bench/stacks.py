@@ -32,6 +32,7 @@ class Settings:
     rank: int = 16
     alpha: float = 16.0
     checkpointing: bool = True  # recompute each decoder layer in backward ("unsloth" mode for unsloth)
+    compile: str = "auto"  # minilora only: torch.compile each decoder layer (auto: on CUDA), as its trainer does
     max_seq: int = 2048  # unsloth sizes its RoPE cache by it
     device: str = "cuda"
     lr: float = 2e-4
@@ -75,16 +76,16 @@ def _finish(model, s: Settings, loss_backward) -> Run:
 
 
 def load_minilora(folder, s: Settings) -> Run:
-    """load_model (NF4 as tensors arrive) + apply_lora + train_step: the code `python -m minilora.train` runs."""
+    """load_model (NF4 as tensors arrive), apply_lora, setup_for_training (recompute, compiled layers)
+    and train_step: the code `python -m minilora.train` runs."""
     from minilora.checkpoint import load_model
     from minilora.lora import apply_lora
-    from minilora.train import train_step
+    from minilora.train import setup_for_training, train_step
 
     model = load_model(folder, device=s.device, dtype=s.dtype, quantize="nf4", double_quant=True, progress=False)
     torch.manual_seed(s.seed)
     apply_lora(model, r=s.rank, alpha=s.alpha, dropout=0.0, targets=TARGETS)
-    model.model.gradient_checkpointing = s.checkpointing
-    model.train()
+    setup_for_training(model, gradient_checkpointing=s.checkpointing, compile=s.compile, device=s.device)
     autocast = s.autocast()
 
     def loss_backward(ids):
@@ -174,7 +175,7 @@ def flops_per_token(cfg, seq: int, checkpointing: bool) -> float:
     """Matmul FLOPs one training token costs (LoRA's own r*(in+out) terms, ~0.5% at r=16, left out).
 
     frozen decoder linears: 2 (forward) + 2 (input gradient; no weight gradient) + 2 (recompute) per parameter
-    lm_head:                2 + 2 per parameter (the loss chunks recompute it too, but peers do not: not counted)
+    lm_head:                2 (forward) + 2 (input gradient) per parameter
     causal attention:       2 * seq * d_attn per layer forward (QK^T and AV over seq/2 keys on average),
                             x (1 forward + 2 backward + 1 recompute)
     Without checkpointing drop the recompute terms (4x linears, 3x attention). Counting the recompute

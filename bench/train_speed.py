@@ -8,7 +8,7 @@ random token batches, one stack after another, and append one JSON line per
 stack to --out. Per stack:
 
     load:   time and peak memory from the folder to a trainable model (NF4 + LoRA)
-    train:  warm-up steps, then timed steps; each step is synchronised before and after
+    train:  warm-up steps (compilation happens here), then timed steps, each synchronised before and after
     step time = median of the timed steps;  tokens/s = batch * seq / step time
     peak = torch.cuda.max_memory_allocated / max_memory_reserved over the training steps
     MFU = tokens/s * FLOPs per token (stacks.flops_per_token) / the bf16 matmul rate measured here
@@ -94,8 +94,10 @@ def parse_args(argv=None):
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--steps", type=int, default=10, help="timed steps")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (unsloth compiles in them)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens in them)")
     p.add_argument("--checkpointing", choices=("on", "off"), default="on", help="gradient checkpointing")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="minilora: torch.compile each decoder layer, as `minilora.train --compile` (auto: on CUDA)")
     p.add_argument("--out", default="bench/results/train_speed.jsonl", help="JSON lines, appended")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--seed", type=int, default=0, help="weights, data and LoRA init")
@@ -140,8 +142,8 @@ def measure(stack: str, folder, shape: str, a) -> dict:
     """Load `stack` from `folder`, train warmup + steps steps, return the figures."""
     device = torch.device(a.device)
     cuda = device.type == "cuda"
-    s = stacks.Settings(rank=a.rank, alpha=a.alpha, checkpointing=a.checkpointing == "on", max_seq=a.seq,
-                        device=a.device, seed=a.seed)
+    s = stacks.Settings(rank=a.rank, alpha=a.alpha, checkpointing=a.checkpointing == "on", compile=a.compile,
+                        max_seq=a.seq, device=a.device, seed=a.seed)
     data = batches(shape, a).to(device)
     stacks.import_stack(stack)
     gib = 2**30
@@ -208,7 +210,8 @@ def run_isolated(stack: str, folder, shape: str, a) -> dict:
     row_file = Path(folder).parent / f"{shape}-{stack}.json"
     flags = ["--shape", shape, "--stacks", stack, "--batch", a.batch, "--seq", a.seq, "--rank", a.rank,
              "--alpha", a.alpha, "--steps", a.steps, "--warmup", a.warmup, "--checkpointing", a.checkpointing,
-             "--device", a.device, "--seed", a.seed, "--worker", stack, "--folder", folder, "--row-out", row_file]
+             "--compile", a.compile, "--device", a.device, "--seed", a.seed,
+             "--worker", stack, "--folder", folder, "--row-out", row_file]
     cmd = [sys.executable, str(Path(__file__).resolve())] + [str(f) for f in flags]
     proc = subprocess.Popen(cmd, start_new_session=True)  # its own process group, to end it with its children
     try:
@@ -338,7 +341,8 @@ def main(argv=None):
                     stack, folder, shape, a)
                 row = {"stack": stack, "shape": shape, "run_id": run_id, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                        "batch": a.batch, "seq": a.seq, "rank": a.rank, "alpha": a.alpha,
-                       "checkpointing": a.checkpointing, "steps": a.steps, "warmup": a.warmup, "seed": a.seed,
+                       "checkpointing": a.checkpointing, "compile": a.compile if stack == "minilora" else None,
+                       "steps": a.steps, "warmup": a.warmup, "seed": a.seed,
                        "labels": "all tokens (labels = input_ids)", "isolated": a.isolate == "on",
                        **{k: None for k in FIGURES}, **figures}
                 row["flops_per_token"] = fpt
