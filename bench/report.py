@@ -17,8 +17,8 @@ import os
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-STACK_ORDER = ("minilora", "peft", "unsloth")
-COLORS = {"minilora": "#2b7bba", "peft": "#e08a2c", "unsloth": "#3a9e5c"}
+STACK_ORDER = ("minilora", "minilora-fast", "minilora-lean", "peft", "unsloth")
+COLORS = {"minilora": "#2b7bba", "minilora-fast": "#1b4f7a", "minilora-lean": "#7fb3e0", "peft": "#e08a2c", "unsloth": "#3a9e5c"}
 
 
 def read_run(path, run_id: str | None = None) -> tuple[str, list[dict]]:
@@ -65,16 +65,18 @@ def _peak(r):
 
 
 def _ratio_line(rows) -> str:
-    mine = next((r for r in rows if r["stack"] == "minilora" and not r.get("error")), None)
-    parts = []
-    for peer in ("peft", "unsloth"):
-        v = (mine or {}).get(f"vs_{peer}")
-        if v:
-            mem = f", {v['peak_allocated']:.2f}x the peak memory" if v.get("peak_allocated") else ""
-            parts.append(f"**minilora / {peer}: {v['tokens_per_s']:.2f}x the tokens/s{mem}**")
-        else:
-            parts.append(f"minilora / {peer}: no comparison (one of them did not run)")
-    return "; ".join(parts) + "."
+    lines = []
+    for mine in (r for r in rows if r["stack"].startswith("minilora") and not r.get("error")):
+        parts = []
+        for peer in ("peft", "unsloth"):
+            v = mine.get(f"vs_{peer}")
+            if v:
+                mem = f", {v['peak_allocated']:.2f}x the peak memory" if v.get("peak_allocated") else ""
+                parts.append(f"**{mine['stack']} / {peer}: {v['tokens_per_s']:.2f}x the tokens/s{mem}**")
+            else:
+                parts.append(f"{mine['stack']} / {peer}: no comparison (one of them did not run)")
+        lines.append("; ".join(parts) + ".")
+    return "\n\n".join(lines)
 
 
 def speed_table(run_id: str, rows: list[dict]) -> str:
@@ -88,7 +90,8 @@ def speed_table(run_id: str, rows: list[dict]) -> str:
         rs = _order([r for r in rows if r["shape"] == shape])
         r0 = rs[0]
         out += [f"**{shape}**: batch {r0['batch']} x {r0['seq']} tokens, LoRA r={r0['rank']} alpha={r0.get('alpha')} "
-                f"on all 7 projections, gradient checkpointing {r0['checkpointing']}, "
+                f"on all 7 projections, gradient checkpointing {r0['checkpointing']} (minilora-fast: off; "
+                f"minilora-lean: on, with layer inputs and the embedding table in host memory), "
                 f"median of {r0.get('steps')} steps after {r0.get('warmup')} warm-up.", "",
                 "| stack | tokens/s | step (s) | peak allocated (GiB) | peak reserved (GiB) | loss first -> last "
                 "| MFU | load (s) | load peak (GiB) | first loss matches minilora |",

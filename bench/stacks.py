@@ -23,7 +23,10 @@ from typing import Callable
 
 import torch
 
-STACKS = ("minilora", "peft", "unsloth")
+STACKS = ("minilora", "minilora-fast", "minilora-lean", "peft", "unsloth")
+# minilora's memory modes (train.py flags): default = --gradient-checkpointing; fast = --no-gradient-checkpointing
+# (keep every activation, no recompute); lean = --offload (layer inputs and embedding table in host memory).
+MINILORA_MODES = {"minilora": {}, "minilora-fast": {"gradient_checkpointing": False}, "minilora-lean": {"offload": True}}
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # minilora's ALL_TARGETS
 
 
@@ -75,7 +78,7 @@ def _finish(model, s: Settings, loss_backward) -> Run:
     return Run(model, params, opt, loss_backward)
 
 
-def load_minilora(folder, s: Settings) -> Run:
+def load_minilora(folder, s: Settings, mode: str = "minilora") -> Run:
     """load_model (NF4 as tensors arrive), apply_lora, setup_for_training (recompute, compiled layers)
     and train_step: the code `python -m minilora.train` runs."""
     from minilora.checkpoint import load_model
@@ -85,7 +88,8 @@ def load_minilora(folder, s: Settings) -> Run:
     model = load_model(folder, device=s.device, dtype=s.dtype, quantize="nf4", double_quant=True, progress=False)
     torch.manual_seed(s.seed)
     apply_lora(model, r=s.rank, alpha=s.alpha, dropout=0.0, targets=TARGETS)
-    setup_for_training(model, gradient_checkpointing=s.checkpointing, compile=s.compile, device=s.device)
+    opts = {"gradient_checkpointing": s.checkpointing, **MINILORA_MODES[mode]}
+    setup_for_training(model, compile=s.compile, device=s.device, **opts)
     autocast = s.autocast()
 
     def loss_backward(ids):
@@ -165,7 +169,9 @@ def import_stack(stack: str):
 
 
 def load(stack: str, folder, s: Settings) -> Run:
-    loaders = {"minilora": load_minilora, "peft": load_peft, "unsloth": load_unsloth}
+    loaders = {"peft": load_peft, "unsloth": load_unsloth}
+    if stack in MINILORA_MODES:
+        return load_minilora(folder, s, stack)
     if stack not in loaders:
         raise ValueError(f"unknown stack {stack!r}; choose from {', '.join(STACKS)}.")
     return loaders[stack](folder, s)

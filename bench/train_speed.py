@@ -332,7 +332,6 @@ def main(argv=None):
             folder = shapes.write_checkpoint(work / shape, shape, device=device, seed=a.seed)
             free_memory()
             print(f"{shape}: random checkpoint written in {time.perf_counter() - t:.1f}s", flush=True)
-            fpt = stacks.flops_per_token(cfg, a.seq, a.checkpointing == "on")
             rows = []
             for stack in a.stack_list:
                 print(f"--- {shape} / {stack} ({time.perf_counter() - started:.0f}s into the run)", flush=True)
@@ -341,10 +340,11 @@ def main(argv=None):
                     stack, folder, shape, a)
                 row = {"stack": stack, "shape": shape, "run_id": run_id, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                        "batch": a.batch, "seq": a.seq, "rank": a.rank, "alpha": a.alpha,
-                       "checkpointing": a.checkpointing, "compile": a.compile if stack == "minilora" else None,
+                       "checkpointing": a.checkpointing, "compile": a.compile if stack.startswith("minilora") else None,
                        "steps": a.steps, "warmup": a.warmup, "seed": a.seed,
                        "labels": "all tokens (labels = input_ids)", "isolated": a.isolate == "on",
                        **{k: None for k in FIGURES}, **figures}
+                fpt = stacks.flops_per_token(cfg, a.seq, a.checkpointing == "on" and stack != "minilora-fast")
                 row["flops_per_token"] = fpt
                 row["mfu"] = (row["tokens_per_s"] * fpt / (tflops * 1e12)) if row["tokens_per_s"] else None
                 row.update(matmul_tflops=tflops, device=device.type, gpu=gpu, versions=vers)

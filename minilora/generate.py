@@ -95,7 +95,7 @@ def next_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
 def compute_context(model):
     """bf16/fp16 autocast on CUDA, so the fp32 LoRA factors run in the compute dtype as in training;
     nothing on the CPU, where the model computes in one dtype already."""
-    p = model.model.embed_tokens.weight
+    p = model.lm_head.weight  # (the embedding table may live on the host: offload.py)
     if p.device.type == "cuda" and p.dtype in (torch.bfloat16, torch.float16):
         return torch.autocast("cuda", dtype=p.dtype)
     return contextlib.nullcontext()
@@ -131,7 +131,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, eos_ids, p
     out: list[list[int]] = [[] for _ in prompts]
     if max_new_tokens == 0:
         return out
-    device = model.model.embed_tokens.weight.device
+    device = model.lm_head.weight.device
     total = L + max_new_tokens  # cache columns: the padded prompt, then one per new token
 
     # Left padding: row b's prompt occupies columns L - n_b .. L-1.

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .data import IGNORE
 
-LOGIT_ELEMENTS = 2**27  # rows per chunk = this / vocab: 512 MiB of fp32 logits at a time
+LOGIT_ELEMENTS = 2**25  # rows per chunk = this / vocab: 128 MiB of fp32 logits at a time
 
 
 class LinearCrossEntropy(torch.autograd.Function):

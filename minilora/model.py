@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .offload import OffloadedCheckpoint
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 
 
@@ -216,6 +218,7 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.gradient_checkpointing = False  # recompute each layer in backward: memory for FLOPs
+        self.offloader = None  # an offload.HostOffloader: checkpoint with layer inputs in host memory
 
     def forward(self, input_ids, positions=None, mask=None, cache_pos: int = 0):
         B, T = input_ids.shape
@@ -223,8 +226,12 @@ class DecoderModel(nn.Module):
             positions = torch.arange(cache_pos, cache_pos + T, device=input_ids.device).expand(B, T)
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        if self.offloader is not None and self.training and not x.requires_grad:
+            x = x.detach().requires_grad_()  # so the custom checkpoint's backward runs (the embedding is frozen)
         for layer in self.layers:
-            if self.gradient_checkpointing and self.training:
+            if self.offloader is not None and self.training:
+                x = OffloadedCheckpoint.apply(x, self.offloader, layer, cos, sin, mask, cache_pos)
+            elif self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache_pos, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache_pos)
@@ -248,7 +255,7 @@ class CausalLM(nn.Module):
 
     def setup_cache(self, batch: int, max_len: int):
         """Give each attention layer a static KV cache; `clear_cache` removes them."""
-        p = self.model.embed_tokens.weight
+        p = self.lm_head.weight  # on the compute device even when the embedding table is not
         c = self.config
         for layer in self.model.layers:
             layer.self_attn.cache = KVCache(batch, c.num_key_value_heads, max_len, c.head_dim, p.dtype, p.device)

@@ -75,6 +75,7 @@ class TrainConfig:
     # optimizer and memory
     optim: str = _f("adamw8bit", "optimizer (bitsandbytes 8-bit AdamW, or torch's)", ("adamw8bit", "adamw", "paged_adamw8bit"))
     gradient_checkpointing: bool = _f(True, "recompute each decoder layer in backward: less memory, ~1/3 more compute")
+    offload: bool = _f(False, "lean mode: keep checkpointed layer inputs and the embedding table in host memory")
     compile: str = _f("auto", "torch.compile each decoder layer (fuses norms, RoPE, SwiGLU); auto: on CUDA only",
                       ("auto", "on", "off"))
     # eval, saving and run control
@@ -234,13 +235,19 @@ def make_optimizer(params, cfg: TrainConfig):
 
 # ----------------------------------------------------------------------------- one step
 
-def setup_for_training(model, *, gradient_checkpointing: bool, compile: str, device) -> None:
-    """Memory and speed switches, in one place: per-layer recompute, and regional torch.compile.
+def setup_for_training(model, *, gradient_checkpointing: bool, compile: str, device, offload: bool = False) -> None:
+    """Memory and speed switches, in one place: per-layer recompute, host offload, regional torch.compile.
 
     Compiling each decoder layer (not the whole model) keeps compile time to one layer's
     graph, reused 28-32 times; it fuses the elementwise work between the matmuls.
     """
-    model.model.gradient_checkpointing = gradient_checkpointing
+    from .offload import HostEmbedding, HostOffloader
+
+    model.model.gradient_checkpointing = gradient_checkpointing or offload
+    if offload:
+        model.model.offloader = HostOffloader(device)
+        if not model.config.tie_word_embeddings:  # a tied table is also lm_head, which the GPU needs
+            model.model.embed_tokens = HostEmbedding(model.model.embed_tokens.weight, device)
     if compile == "on" or (compile == "auto" and torch.device(device).type == "cuda"):
         for layer in model.model.layers:
             layer.compile()
@@ -408,7 +415,8 @@ def run(cfg: TrainConfig) -> dict:
     model = load_model(model_path, device=device, dtype=dtype, quantize=None if cfg.no_4bit else cfg.quant_type)
     targets = [t.strip() for t in cfg.targets.split(",") if t.strip()]
     apply_lora(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, rslora=cfg.rslora, targets=targets)
-    setup_for_training(model, gradient_checkpointing=cfg.gradient_checkpointing, compile=cfg.compile, device=device)
+    setup_for_training(model, gradient_checkpointing=cfg.gradient_checkpointing, compile=cfg.compile, device=device,
+                       offload=cfg.offload)
     print(describe_trainable(model))
     acfg = adapter_config(model, cfg.model or str(model_path), r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
                           rslora=cfg.rslora)

@@ -1,0 +1,127 @@
+"""Lean memory: checkpointed layer inputs in pinned CPU memory, and the embedding table on the host.
+
+Gradient checkpointing keeps one tensor per decoder layer, its input x (B, T, H),
+and recomputes the rest in backward. For the 8B shape at 2 x 2048 tokens that
+is 32 layers x 32 MiB = 1 GiB of GPU memory that sits idle until backward.
+
+`OffloadedCheckpoint` moves each x to pinned host memory on a side stream as
+soon as the layer has consumed it, and brings it back in backward one layer
+ahead of use (layer i-1's input is copied while layer i's backward computes),
+so the copies hide behind compute. 32 MiB over PCIe (~25 GB/s) takes ~1.3 ms,
+against ~9 ms for a layer's recompute + backward.
+
+The layer is recomputed exactly like torch.utils.checkpoint: the RNG state is
+saved before forward and restored for the recompute, so dropout masks match.
+
+`HostEmbedding` keeps the frozen embedding table (1 GiB for a 128k vocabulary
+at 4096 wide) on the host: a lookup is a gather of B*T rows, and only those
+rows (32 MiB here) cross to the GPU.
+
+Reference: plain `torch.utils.checkpoint` and `nn.Embedding`; tests/test_offload.py
+checks the losses and LoRA gradients are equal.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class HostOffloader:
+    """Copies tensors to pinned host buffers (reused across steps) and back, on a side stream."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.pool: dict[tuple, list[torch.Tensor]] = {}  # free pinned buffers by (shape, dtype)
+        self.ready: dict[int, torch.Tensor] = {}  # prefetched device copies by slot
+        self.slots: list = []  # this step's host copies, in forward order
+
+    def _buffer(self, t: torch.Tensor) -> torch.Tensor:
+        free = self.pool.setdefault((tuple(t.shape), t.dtype), [])
+        return free.pop() if free else torch.empty(t.shape, dtype=t.dtype, pin_memory=self.cuda)
+
+    def put(self, t: torch.Tensor) -> int:
+        """Start copying t to the host; returns its slot number."""
+        host = self._buffer(t)
+        if self.cuda:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))  # t is fully written
+            with torch.cuda.stream(self.stream):
+                host.copy_(t, non_blocking=True)
+                t.record_stream(self.stream)  # t's memory is not reused before the copy ends
+        else:
+            host.copy_(t)
+        self.slots.append(host)
+        return len(self.slots) - 1
+
+    def _fetch(self, slot: int):
+        if slot < 0 or slot in self.ready or self.slots[slot] is None:
+            return
+        host = self.slots[slot]
+        if self.cuda:
+            with torch.cuda.stream(self.stream):
+                self.ready[slot] = host.to(self.device, non_blocking=True)
+        else:
+            self.ready[slot] = host.clone()
+
+    def take(self, slot: int) -> torch.Tensor:
+        """The device copy of `slot`; starts fetching slot-1, which backward needs next."""
+        self._fetch(slot)
+        self._fetch(slot - 1)
+        t = self.ready.pop(slot)
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+            t.record_stream(torch.cuda.current_stream(self.device))
+        host, self.slots[slot] = self.slots[slot], None
+        self.pool[(tuple(host.shape), host.dtype)].append(host)
+        if all(s is None for s in self.slots):
+            self.slots = []  # the step's backward is done
+        return t
+
+
+class OffloadedCheckpoint(torch.autograd.Function):
+    """y = layer(x, ...) without saving activations; x waits in host memory until backward."""
+
+    @staticmethod
+    def forward(ctx, x, offloader: HostOffloader, layer, *args):
+        ctx.offloader, ctx.layer, ctx.args = offloader, layer, args
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        with torch.no_grad():
+            y = layer(x, *args)
+        ctx.slot = offloader.put(x.detach())
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x = ctx.offloader.take(ctx.slot).requires_grad_(True)
+        now_cpu = torch.get_rng_state()
+        now_cuda = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        torch.set_rng_state(ctx.cpu_rng)  # the recompute draws the same dropout masks
+        if ctx.cuda_rng is not None:
+            torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
+        with torch.enable_grad():
+            y = ctx.layer(x, *ctx.args)
+        torch.set_rng_state(now_cpu)
+        if now_cuda is not None:
+            torch.cuda.set_rng_state(now_cuda, x.device)
+        torch.autograd.backward(y, grad_y)  # accumulates the LoRA gradients of this layer
+        return (x.grad, None, None) + (None,) * len(ctx.args)
+
+
+class HostEmbedding(nn.Module):
+    """A frozen embedding table in (pinned) host memory; looks up rows there and sends only those."""
+
+    def __init__(self, weight: torch.Tensor, device):
+        super().__init__()
+        pin = torch.device(device).type == "cuda"
+        self.register_buffer("weight", weight.detach().to("cpu").pin_memory() if pin else weight.detach().cpu())
+        self.target = torch.device(device)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(input_ids.to("cpu"), self.weight)
+        return rows.pin_memory().to(self.target, non_blocking=True) if self.target.type == "cuda" else rows
+
+    def _apply(self, fn, recurse=True):
+        return self  # stays on the host whatever .to() the model gets
