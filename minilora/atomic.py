@@ -4,6 +4,11 @@ Every checkpoint, adapter and merged model is written under a temporary name
 beside its destination and renamed into place when complete. `os.replace` is
 atomic on POSIX within one filesystem, so a crash, a full disk or a SIGKILL
 mid-write leaves the previous version intact.
+
+Replacing an existing folder takes two renames (old aside, new in), since POSIX
+has no atomic swap of directories; `clean_leftovers` repairs a kill between them.
+Checkpoint folders are never replaced (each step has its own name), so this only
+concerns `--overwrite` of an adapter or merged model.
 """
 from __future__ import annotations
 
@@ -43,3 +48,27 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = True):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def clean_leftovers(parent: str | os.PathLike) -> list[str]:
+    """Tidy what a killed `atomic_dir` left in `parent`; returns one line per thing done.
+
+    - `.NAME.tmp-*`: a save that never finished. Deleted; the previous NAME is intact.
+    - `.NAME.old-PID`: the previous NAME, moved aside in the instant before the new one was renamed in.
+      If NAME is missing (killed between the two renames), it is moved back; otherwise deleted.
+    Call it only when no other process is writing into `parent`.
+    """
+    parent = Path(parent)
+    done = []
+    for p in sorted(parent.glob(".*.tmp-*")) if parent.is_dir() else []:
+        shutil.rmtree(p, ignore_errors=True)
+        done.append(f"removed the unfinished save {p}")
+    for p in sorted(parent.glob(".*.old-*")) if parent.is_dir() else []:
+        final = parent / p.name[1:].rsplit(".old-", 1)[0]
+        if final.exists():
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"removed the replaced copy {p}")
+        else:
+            os.replace(p, final)
+            done.append(f"restored {final} from {p} (a save was interrupted between its two renames)")
+    return done

@@ -95,8 +95,40 @@ def safetensors_files(folder: Path) -> list[Path]:
         return found
     pickles = sorted(p.name for p in folder.glob("*.bin"))
     hint = (f" It has {', '.join(pickles)}: pickle files can run code when loaded, so minilora reads only "
-            "safetensors; convert them with a tool you trust." if pickles else "")
+            "safetensors unless told the files are trusted (minilora.train --trust-pickle-files); or convert "
+            "them to safetensors with a tool you trust." if pickles else "")
     raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json.{hint}")
+
+
+def pickle_files(folder: Path) -> list[Path]:
+    """The shards named by pytorch_model.bin.index.json, or the single pytorch_model.bin."""
+    folder = Path(folder)
+    index = folder / "pytorch_model.bin.index.json"
+    if index.is_file():
+        return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    if (folder / "pytorch_model.bin").is_file():
+        return [folder / "pytorch_model.bin"]
+    raise FileNotFoundError(f"{folder}: no safetensors, and no pytorch_model.bin or pytorch_model.bin.index.json.")
+
+
+def iter_pickle_tensors(files: list[Path]):
+    """Yield (name, tensor) from pickle checkpoints the user said they trust.
+
+    torch.load(weights_only=True) is a restricted unpickler: it rebuilds tensors and plain
+    containers and refuses every other global, so a file naming `os.system` is an error, not a
+    command. It has had holes (CVE-2025-32434, before torch 2.6), so this path still waits for
+    the user's word; safetensors (a JSON header and raw bytes) needs none.
+    """
+    for f in files:
+        try:
+            sd = torch.load(f, weights_only=True, map_location="cpu", mmap=True)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            raise ValueError(f"{f}: refused by the weights-only unpickler, or not a torch checkpoint "
+                             f"({type(e).__name__}: {first}).") from None
+        if not isinstance(sd, dict) or not all(isinstance(t, torch.Tensor) for t in sd.values()):
+            raise ValueError(f"{f}: expected a state dict (tensor names to tensors), got {type(sd).__name__}.")
+        yield from sd.items()
 
 
 def iter_tensors(files: list[Path]):
@@ -168,10 +200,12 @@ def default_dtype(device) -> torch.dtype:
 
 
 def load_model(name, *, device="cpu", dtype: torch.dtype | None = None, quantize: str | None = "nf4",
-               double_quant: bool = True, progress: bool = True) -> CausalLM:
+               double_quant: bool = True, progress: bool = True, trust_pickle: bool = False) -> CausalLM:
     """Load a Llama/Qwen2 checkpoint, quantizing decoder linears to NF4 (or FP4, or none) on the way.
 
     The embeddings, norms and lm_head stay in `dtype`, as in bitsandbytes-QLoRA.
+    Only safetensors are read, unless `trust_pickle` and the folder has no safetensors: then
+    pytorch_model.bin (or its shards) through the weights-only unpickler.
     """
     if quantize not in (None, "nf4", "fp4"):
         raise ValueError(f"quantize must be 'nf4', 'fp4' or None, got {quantize!r}.")
@@ -179,9 +213,14 @@ def load_model(name, *, device="cpu", dtype: torch.dtype | None = None, quantize
     cfg = load_config(folder)
     dtype = dtype or default_dtype(device)
     model = empty_model(cfg)
-    files = safetensors_files(folder)
-    for tname, t in tqdm(iter_tensors(files), total=count_tensors(files), desc="loading", unit="tensor",
-                         disable=not progress, leave=False):
+    try:
+        files = safetensors_files(folder)
+        tensors, total = iter_tensors(files), count_tensors(files)
+    except FileNotFoundError:
+        if not trust_pickle:
+            raise
+        tensors, total = iter_pickle_tensors(pickle_files(folder)), None
+    for tname, t in tqdm(tensors, total=total, desc="loading", unit="tensor", disable=not progress, leave=False):
         if tname.endswith("rotary_emb.inv_freq") or (tname == "lm_head.weight" and cfg.tie_word_embeddings):
             continue  # recomputed / shared with embed_tokens
         assign_tensor(model, tname, t, device=device, dtype=dtype, quantize=quantize, double_quant=double_quant)

@@ -21,6 +21,7 @@ id equal to EOS would teach nothing but could be confused for it downstream.
 """
 from __future__ import annotations
 
+import codecs
 import difflib
 import json
 import random
@@ -66,49 +67,79 @@ class DataError(ValueError):
 def read_records(path: str | Path, bad_rows: str = "error") -> tuple[list[dict], list[str]]:
     """Records from a .jsonl (one object per line) or .json (a list of objects) file.
 
-    Every problem is collected with its file and line, so one run reports them all.
+    A .jsonl file is read one line at a time, as bytes: each line is decoded and parsed on
+    its own, so one bad line (not UTF-8, not JSON, not an object) is one problem with its
+    file and line, and the rest still load. Splitting on b"\n" only (not str.splitlines)
+    keeps a U+2028 inside a JSON string from being taken as a line break.
+    Every problem is collected, so one run reports them all.
     bad_rows="skip" drops the bad rows (returning the problems as warnings); "error" raises.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such data file.")
     problems: list[str] = []
-    records: list[dict] = []
     with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {e.start}); re-save the file as UTF-8.") from None
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg}.") from None
-        numbered = [(i + 1, r) for i, r in enumerate(rows)]
-        where = "item"
-    else:
-        numbered = []
-        for lineno, line in enumerate(text.splitlines(), 1):
+        is_list = path.suffix == ".json" and f.read(4096).lstrip(codecs.BOM_UTF8 + b" \t\r\n").startswith(b"[")
+    numbered = _json_list(path) if is_list else _jsonl_rows(path, problems)
+    records: list[dict] = []
+    for n, row in numbered:
+        if not isinstance(row, dict):
+            where = f"item {n}" if is_list else f"line {n}"
+            problems.append(f"{path}:{where}: expected a JSON object, got {type(row).__name__}.")
+        else:
+            row["_where"] = f"{path}:item {n}" if is_list else f"{path}:{n}"
+            records.append(row)
+    if problems and bad_rows == "error":
+        raise DataError(problem_report(problems, path) + SKIP_HINT)
+    return records, problems
+
+
+def _jsonl_rows(path: Path, problems: list[str]):
+    """(line number, parsed value) for every non-blank line; bad lines go to `problems`."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)  # Windows editors write one; json.loads refuses it
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                problems.append(f"{path}:{lineno}: not valid UTF-8 (byte {e.start + 1} of the line); "
+                                "re-save the file as UTF-8.")
+                continue
             if not line.strip():
                 continue
             try:
-                numbered.append((lineno, json.loads(line)))
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
                 problems.append(f"{path}:{lineno}: malformed JSON line: {e.msg} (column {e.colno}).")
-        where = "line"
-    for n, row in numbered:
-        if not isinstance(row, dict):
-            problems.append(f"{path}:{where} {n}: expected a JSON object, got {type(row).__name__}.")
-        else:
-            row["_where"] = f"{path}:{n}" if where == "line" else f"{path}:item {n}"
-            records.append(row)
-    if problems and bad_rows == "error":
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise DataError(f"{len(problems)} bad row(s) in {path}:\n  " + "\n  ".join(problems[:20]) + more +
-                        "\n(pass --bad-rows skip to drop them)")
-    return records, problems
+            except RecursionError:
+                problems.append(f"{path}:{lineno}: JSON nested too deeply to read.")
+
+
+def _json_list(path: Path) -> list[tuple[int, object]]:
+    """(item number, value) from a .json list. One bad byte spoils the whole list, so errors raise."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {e.start}); re-save the file as UTF-8.") from None
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno}).") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply to read.") from None
+    return [(i + 1, r) for i, r in enumerate(rows)]
+
+
+SKIP_HINT = "\n(pass --bad-rows skip to drop them)"
+
+
+def problem_report(problems: list[str], source, limit: int = 20) -> str:
+    """`N bad row(s) in SOURCE:` and the first `limit` problems, one per line."""
+    more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
+    return f"{len(problems)} bad row(s) in {source}:\n  " + "\n  ".join(problems[:limit]) + more
 
 
 def fetch_hub_dataset(spec: str) -> Path:
@@ -133,6 +164,16 @@ def fetch_hub_dataset(spec: str) -> Path:
 
 # ----------------------------------------------------------------------------- templates
 
+def common_columns(records: list[dict]) -> set[str]:
+    """The columns at least half the records have: one odd row neither picks nor spoils the template."""
+    counts: dict[str, int] = {}
+    for rec in records:
+        for k in rec:
+            if k != "_where":
+                counts[k] = counts.get(k, 0) + 1
+    return {k for k, n in counts.items() if 2 * n >= len(records)}
+
+
 def detect_template(columns: set[str]) -> str:
     for name, cols in TEMPLATE_COLUMNS.items():
         if set(cols) <= columns:
@@ -154,6 +195,9 @@ def render(rec: dict, template: str, tok: Tokenizer) -> tuple[str, str]:
     if template == "alpaca":
         instruction, output = _need(rec, "instruction", "output")
         inp = rec.get("input") or ""
+        if not isinstance(inp, str):
+            raise DataError(f"{rec.get('_where', '?')}: column 'input' must be text (or absent), "
+                            f"got {type(inp).__name__}.")
         prompt = ALPACA_PROMPT.format(ctx=", paired with an input that provides further context" if inp else "",
                                       instruction=instruction, input=f"### Input:\n{inp}\n\n" if inp else "")
         return prompt, prompt + output
@@ -169,10 +213,12 @@ def render(rec: dict, template: str, tok: Tokenizer) -> tuple[str, str]:
         if messages is None:
             p, c = _need(rec, "prompt", "chosen")
             messages = [{"role": "user", "content": p}, {"role": "assistant", "content": c}]
-        if (not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages)
+        if (not isinstance(messages, list) or not messages
+                or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                           for m in messages)
                 or messages[-1].get("role") != "assistant"):
             raise DataError(f"{rec.get('_where', '?')}: `messages` must be a list of {{role, content}} objects "
-                            "ending with an assistant turn.")
+                            "with text values, ending with an assistant turn.")
         prompt = tok.apply_chat_template(messages[:-1], add_generation_prompt=True)
         full = tok.apply_chat_template(messages)
         if not full.startswith(prompt):
@@ -213,12 +259,27 @@ def tokenize(prompt: str, full: str, tok: Tokenizer, chat: bool) -> Example:
 
 
 def build_examples(records: list[dict], template: str, tok: Tokenizer, max_seq_len: int,
-                   truncation: str = "truncate") -> tuple[list[Example], dict]:
-    """Tokenized examples and counts (kept, truncated, dropped, no_label)."""
-    out, stats = [], {"kept": 0, "truncated": 0, "dropped": 0, "no_label": 0}
+                   truncation: str = "truncate", bad_rows: str = "error") -> tuple[list[Example], dict]:
+    """Tokenized examples and counts (kept, truncated, dropped, no_label, bad).
+
+    A row that cannot be rendered (a column missing or of the wrong type, a chat the template
+    rejects, text the tokenizer cannot take) is a problem named by its file and line. All rows
+    are tried, so every problem is found in one pass: bad_rows="error" raises them together,
+    "skip" drops those rows and lists them in stats["problems"].
+    """
+    out, problems = [], []
+    stats = {"kept": 0, "truncated": 0, "dropped": 0, "no_label": 0, "bad": 0}
     for rec in records:
-        prompt, full = render(rec, template, tok)
-        ex = tokenize(prompt, full, tok, chat=template == "chat")
+        try:
+            prompt, full = render(rec, template, tok)
+            ex = tokenize(prompt, full, tok, chat=template == "chat")
+        except DataError as e:
+            problems.append(str(e))
+            continue
+        except Exception as e:  # jinja or the tokenizer choking on this row's content (e.g. a lone surrogate)
+            problems.append(f"{rec.get('_where', '?')}: cannot render or tokenize this row "
+                            f"({type(e).__name__}: {str(e)[:200]}).")
+            continue
         if len(ex.input_ids) > max_seq_len:
             if truncation == "drop":
                 stats["dropped"] += 1
@@ -230,6 +291,11 @@ def build_examples(records: list[dict], template: str, tok: Tokenizer, max_seq_l
             continue
         out.append(ex)
         stats["kept"] += 1
+    stats["bad"] = len(problems)
+    if problems and bad_rows == "error":
+        raise DataError(problem_report(problems, "the data") + SKIP_HINT)
+    if problems:
+        stats["problems"] = problems
     return out, stats
 
 

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -32,9 +33,11 @@ from pathlib import Path
 
 import torch
 from huggingface_hub.utils import tqdm
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from . import data as D
-from .atomic import atomic_dir
+from .atomic import atomic_dir, clean_leftovers
 from .checkpoint import adapter_config, default_dtype, load_model, resolve_model, save_adapter
 from .lora import ALL_TARGETS, apply_lora, describe_trainable, lora_state_dict
 from .loss import causal_lm_loss
@@ -49,6 +52,8 @@ def _f(default, help, choices=None):
 class TrainConfig:
     # model and data
     model: str = _f("", "model folder or hub id (e.g. deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B); empty: the demo model")
+    trust_pickle_files: bool = _f(False, "read pytorch_model.bin (pickle) weights when the model has no safetensors; "
+                                         "only for files you trust")
     data: str = _f("", ".json/.jsonl file, or hub data set id org/name[:config][@split]; empty: the demo task")
     template: str = _f("auto", "how records become text; auto picks from the columns", ("auto",) + D.TEMPLATES)
     max_seq_len: int = _f(2048, "longest example in tokens")
@@ -103,7 +108,13 @@ class UsageError(ValueError):
 
 
 class TrainingStopped(RuntimeError):
-    """The run cannot go on (e.g. the loss stays non-finite); the last good checkpoint is kept."""
+    """The run cannot go on (e.g. the loss stays non-finite); the last good checkpoint is kept. Exit code 1."""
+    exit_code = 1
+
+
+class OutOfMemory(TrainingStopped):
+    """The GPU ran out of memory during training; the message says what would fit. Exit code 3."""
+    exit_code = 3
 
 
 # ----------------------------------------------------------------------------- config
@@ -145,6 +156,10 @@ def config_from_json(path: str) -> dict:
         if not isinstance(v, want) or (want is int and isinstance(v, bool)):
             raise UsageError(f"--config {path}: {k} must be {want.__name__}, got {json.dumps(v)}.")
         out[name] = v
+    try:  # ranges too, naming the file: {"lr": -1} is as wrong here as on the command line
+        validate(TrainConfig(**out))
+    except UsageError as e:
+        raise UsageError(f"--config {path}: {e}") from None
     return out
 
 
@@ -180,6 +195,9 @@ def validate(cfg: TrainConfig):
     def need(ok, msg):
         if not ok:
             raise UsageError(msg)
+    for f in fields(cfg):  # NaN and inf pass every comparison below the wrong way, or none
+        v = getattr(cfg, f.name)
+        need(not isinstance(v, float) or math.isfinite(v), f"--{f.name.replace('_', '-')} must be finite, got {v}.")
     need(cfg.lr > 0 and math.isfinite(cfg.lr), f"--lr must be a positive number, got {cfg.lr}.")
     need(cfg.r > 0, f"--r must be a positive integer, got {cfg.r}.")
     need(cfg.alpha > 0, f"--alpha must be positive, got {cfg.alpha}.")
@@ -263,10 +281,12 @@ def micro_batches(examples, order, start: int, count: int, batch_size: int):
     return out
 
 
-def train_step(model, batches: list[dict], autocast) -> tuple[float, int]:
+def train_step(model, batches: list[dict], autocast, scaler=None) -> tuple[float, int]:
     """Forward and backward over one optimizer step's micro-batches; returns (mean loss, label tokens).
 
     Every micro-batch's loss sum is divided by the SAME token count N of the whole step.
+    With fp16, `scaler` multiplies the loss by its scale S before backward, so gradients
+    too small for fp16 do not flush to zero; they are S times too large until `scaler.unscale_`.
     """
     n_total = sum(int((b["labels"][:, 1:] != D.IGNORE).sum()) for b in batches)
     loss_total = 0.0
@@ -274,9 +294,17 @@ def train_step(model, batches: list[dict], autocast) -> tuple[float, int]:
         with autocast:
             hidden = model.model(b["input_ids"])
             loss_sum, _ = causal_lm_loss(hidden, model.lm_head.weight, b["labels"])
-        (loss_sum / max(n_total, 1)).backward()
+        loss = loss_sum / max(n_total, 1)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_total += loss_sum.item()
     return loss_total / max(n_total, 1), n_total
+
+
+def make_scaler(dtype: torch.dtype, device: torch.device) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 only: fp16's smallest normal is 6e-5, so small gradients underflow;
+    bf16 and fp32 share fp32's exponent range and need none. A disabled scaler passes everything
+    through (scale() returns the loss, step() is optimizer.step(), unscale_/update do nothing)."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
 @torch.no_grad()
@@ -311,30 +339,101 @@ def set_rng_state(s: dict):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def save_checkpoint(out: Path, step: int, model, optimizer, cfg, acfg, position: int, metrics_state: dict):
-    """checkpoints/step-N/: adapter + optimizer + rng + data position, written atomically, in one folder."""
+def save_checkpoint(out: Path, step: int, model, optimizer, cfg, acfg, position: int, metrics_state: dict,
+                    scaler=None):
+    """checkpoints/step-N/: adapter + optimizer + loss scaler + rng + data position, in one folder, written atomically."""
     with atomic_dir(out / "checkpoints" / f"step-{step:06d}") as tmp:
         save_adapter(model, tmp / "adapter", acfg)
         state = {"step": step, "position": position, "optimizer": optimizer.state_dict(), "rng": rng_state(),
-                 "config": asdict(cfg), "metrics": metrics_state}
+                 "config": asdict(cfg), "metrics": metrics_state, "scaler": scaler.state_dict() if scaler else {}}
         torch.save(state, tmp / "trainer_state.pt")
     return out / "checkpoints" / f"step-{step:06d}"
 
 
 def newest_checkpoint(out: Path) -> Path | None:
-    ckpts = sorted((out / "checkpoints").glob("step-*")) if (out / "checkpoints").is_dir() else []
-    return ckpts[-1] if ckpts else None
+    """The complete checkpoint with the highest step.
+
+    An unfinished save is `.step-N.tmp-*` (atomic_dir), which the pattern never matches;
+    a folder without its two files (copied or deleted by hand) is passed over too.
+    """
+    folder = out / "checkpoints"
+    found = [p for p in folder.glob("step-*") if re.fullmatch(r"step-\d+", p.name)
+             and (p / "trainer_state.pt").is_file() and (p / "adapter" / "adapter_model.safetensors").is_file()
+             ] if folder.is_dir() else []
+    return max(found, key=lambda p: int(p.name[5:]), default=None)
+
+
+def read_trainer_state(ck: Path) -> dict:
+    """trainer_state.pt, through torch's weights-only unpickler: tensors and plain containers, nothing
+    that can run code, so a tampered file is refused. A torn or foreign file is an error naming it."""
+    try:
+        return torch.load(ck / "trainer_state.pt", weights_only=True, map_location="cpu")
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise ValueError(f"cannot resume from {ck}: its trainer_state.pt is unreadable ({type(e).__name__}: {first}). "
+                         "Move that folder away to resume from the checkpoint before it.") from None
+
+
+def restore(state: dict, ck: Path, model, optimizer, scaler):
+    """Put a checkpoint's LoRA weights, optimizer, loss scale and rng back."""
+    own = lora_state_dict(model)
+    for k, v in load_file(ck / "adapter" / "adapter_model.safetensors").items():
+        own[k.removeprefix("base_model.model.")].copy_(v)
+    optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler") and scaler.is_enabled():  # {} when saved without fp16
+        scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
 
 
 RESUME_MUST_MATCH = ("model", "data", "template", "r", "alpha", "targets", "rslora", "no_4bit", "quant_type",
-                     "batch_size", "grad_accum", "seed", "max_seq_len")
+                     "seed", "max_seq_len")
 
 
 def check_resume(saved: dict, cfg: TrainConfig, where: Path):
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(cfg, k)!r}" for k in RESUME_MUST_MATCH
              if saved.get(k) != getattr(cfg, k)]
+    # The data position counts examples, so another split of the same effective batch (say 1 x 8 after
+    # running out of memory at 2 x 4) resumes at the same place; the losses then match only in expectation.
+    if saved.get("batch_size", 0) * saved.get("grad_accum", 0) != cfg.batch_size * cfg.grad_accum:
+        diffs.append(f"effective batch (batch_size x grad_accum): checkpoint {saved.get('batch_size')} x "
+                     f"{saved.get('grad_accum')}, now {cfg.batch_size} x {cfg.grad_accum}")
     if diffs:
         raise UsageError(f"cannot resume from {where}: the run's settings differ ({'; '.join(diffs)}).")
+
+
+def rewind_metrics(path: Path, step: int, rows: int | None) -> int:
+    """Cut metrics.jsonl back to what it held when the checkpoint at `step` was saved; returns its row count.
+
+    A run killed after its last checkpoint logged steps that the resumed run does again: kept,
+    they would be two rows per step. `rows` is the count the checkpoint recorded (older
+    checkpoints lack it; then rows of later steps go). A line torn by the kill goes too.
+    """
+    if not path.exists():
+        return 0
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if (rows is not None and len(kept) >= rows) or row.get("step", 0) > step:
+            break
+        kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+    return len(kept)
+
+
+# A full disk or a read-only folder surfaces as OSError from Python's writes, RuntimeError from
+# torch.save ("file write failed") and SafetensorError from safetensors' Rust writer.
+SAVE_ERRORS = (OSError, RuntimeError, SafetensorError)
+
+
+def why(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror + (f" ({e.filename})" if e.filename else "")
+    return f"{type(e).__name__}: {e}"
 
 
 def prepare_output(cfg: TrainConfig) -> Path:
@@ -356,8 +455,13 @@ def prepare_output(cfg: TrainConfig) -> Path:
 # ----------------------------------------------------------------------------- data
 
 def load_data(cfg: TrainConfig, tok: Tokenizer):
-    """(train examples, eval examples, template name, raw eval records or None)."""
-    demo_eval = None
+    """(train examples, eval examples, template name, raw eval records or None).
+
+    This runs before the model loads: every row of every file is read, rendered and tokenized
+    here, and all the problems are reported together (file:line each), so bad data costs
+    seconds, not a GPU's start-up, and one fix-and-rerun, not one per bad row.
+    """
+    demo_eval, problems = None, []
     if not cfg.data:
         from .demo import demo_records
 
@@ -365,19 +469,30 @@ def load_data(cfg: TrainConfig, tok: Tokenizer):
         eval_recs = demo_eval
     else:
         path = Path(cfg.data) if Path(cfg.data).exists() or cfg.data.endswith((".json", ".jsonl")) else None
-        train_recs, problems = D.read_records(path or D.fetch_hub_dataset(cfg.data), cfg.bad_rows)
-        for p in problems:
-            print(f"skipped: {p}")
-        eval_recs = D.read_records(cfg.eval_data, cfg.bad_rows)[0] if cfg.eval_data else None
+        train_recs, problems = D.read_records(path or D.fetch_hub_dataset(cfg.data), "skip")
+        eval_recs = None
+        if cfg.eval_data:
+            eval_recs, more = D.read_records(cfg.eval_data, "skip")
+            problems += more
+    train, evals, stats, template, columns = [], None, {}, cfg.template, set()
+    if train_recs:
+        columns = D.common_columns(train_recs)  # the columns most rows have: one odd row cannot mislead
+        template = D.detect_template(columns) if cfg.template == "auto" else cfg.template
+        train, stats = D.build_examples(train_recs, template, tok, cfg.max_seq_len, cfg.truncation, "skip")
+        problems += stats.pop("problems", [])
+        if eval_recs is not None:
+            evals, estats = D.build_examples(eval_recs, template, tok, cfg.max_seq_len, cfg.truncation, "skip")
+            problems += estats.pop("problems", [])
+    if problems:
+        report = D.problem_report(problems, " and ".join(filter(None, (cfg.data, cfg.eval_data))))
+        if cfg.bad_rows == "error":
+            raise D.DataError(report + D.SKIP_HINT)
+        print(f"skipped {report}")
     if not train_recs:
-        raise D.DataError(f"{cfg.data or 'demo'}: no training records.")
-    columns = set(train_recs[0]) - {"_where"}
-    template = D.detect_template(columns) if cfg.template == "auto" else cfg.template
-    train, stats = D.build_examples(train_recs, template, tok, cfg.max_seq_len, cfg.truncation)
+        raise D.DataError(f"{cfg.data or 'demo'}: no training records"
+                          + (f" left after skipping {len(problems)} bad row(s)." if problems else "."))
     print(f"template: {template} (columns {sorted(columns)}); examples: {stats}")
-    if eval_recs is not None:
-        evals = D.build_examples(eval_recs, template, tok, cfg.max_seq_len, cfg.truncation)[0]
-    else:
+    if evals is None:
         train, evals = D.split_eval(train, cfg.eval_fraction, cfg.seed)
     if not train:
         raise D.DataError(f"{cfg.data or 'demo'}: no training examples left after filtering ({stats}).")
@@ -399,6 +514,16 @@ def pick_device(name: str) -> torch.device:
 def run(cfg: TrainConfig) -> dict:
     device = pick_device(cfg.device)
     out = prepare_output(cfg)
+    resume = None  # (checkpoint folder, its trainer state)
+    if cfg.resume:  # a mismatched resume is refused before anything slow
+        for line in clean_leftovers(out / "checkpoints") + clean_leftovers(out):
+            print(line)
+        ck = newest_checkpoint(out)
+        if ck is None:
+            print(f"--resume: {out} has no complete checkpoint yet (stopped before the first save); starting at step 0")
+        else:
+            resume = ck, read_trainer_state(ck)
+            check_resume(resume[1]["config"], cfg, ck)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     if cfg.model:
@@ -408,11 +533,12 @@ def run(cfg: TrainConfig) -> dict:
 
         model_path = smollm2_folder()
     tok = Tokenizer(model_path)
-    train, evals, template, demo_eval = load_data(cfg, tok)
+    train, evals, template, demo_eval = load_data(cfg, tok)  # all of it, before the model takes any memory
     pad_id = D.pad_id_for(tok)
 
     dtype = default_dtype(device)
-    model = load_model(model_path, device=device, dtype=dtype, quantize=None if cfg.no_4bit else cfg.quant_type)
+    model = load_model(model_path, device=device, dtype=dtype, quantize=None if cfg.no_4bit else cfg.quant_type,
+                       trust_pickle=cfg.trust_pickle_files)
     targets = [t.strip() for t in cfg.targets.split(",") if t.strip()]
     apply_lora(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, rslora=cfg.rslora, targets=targets)
     setup_for_training(model, gradient_checkpointing=cfg.gradient_checkpointing, compile=cfg.compile, device=device,
@@ -424,43 +550,55 @@ def run(cfg: TrainConfig) -> dict:
     optimizer = make_optimizer(params, cfg)
     # One dtype policy: base weights in `dtype`, LoRA in fp32, matmuls under autocast on the GPU.
     autocast = torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda")
+    scaler = make_scaler(dtype, device)
 
     per_step = cfg.batch_size * cfg.grad_accum
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train) / per_step))
-    step, position, metrics_state = 0, 0, {"bad_in_a_row": 0, "skipped": 0}
-    if cfg.resume:
-        ck = newest_checkpoint(out)
-        state = torch.load(ck / "trainer_state.pt", weights_only=True, map_location="cpu")
-        check_resume(state["config"], cfg, ck)
-        from safetensors.torch import load_file
-
-        own = lora_state_dict(model)
-        for k, v in load_file(ck / "adapter" / "adapter_model.safetensors").items():
-            own[k.removeprefix("base_model.model.")].copy_(v)
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        step, position, metrics_state = state["step"], state["position"], state["metrics"]
+    step, position, metrics_state = 0, 0, {"bad_in_a_row": 0, "skipped": 0, "metrics_rows": 0}
+    if resume:
+        ck, state = resume
+        restore(state, ck, model, optimizer, scaler)
+        step, position = state["step"], state["position"]
+        metrics_state.update(state["metrics"])
         print(f"resumed from {ck} at step {step}")
-
-    report = {"eval_loss_before": None}
-    metrics = open(out / "metrics.jsonl", "a")
+    metrics_path = out / "metrics.jsonl"
+    metrics_state["metrics_rows"] = rewind_metrics(metrics_path, step, state["metrics"].get("metrics_rows")
+                                                   if resume else 0)
 
     def log(row):
-        metrics.write(json.dumps(row) + "\n")
-        metrics.flush()
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        metrics_state["metrics_rows"] += 1  # saved with each checkpoint: where a resume cuts the file back to
 
-    if step == 0 and evals:
-        report["eval_loss_before"] = evaluate(model, evals, cfg.batch_size, pad_id, device, autocast)
-        log({"step": 0, "split": "eval", "loss": report["eval_loss_before"],
-             "perplexity": math.exp(min(report["eval_loss_before"], 50))})
-        print(f"eval loss before: {report['eval_loss_before']:.4f}")
-    if demo_eval is not None and step == 0:
-        report["before"] = demo_report(model, tok, demo_eval)
+    last_ckpt = resume[0] if resume else None
 
-    model.train()
+    def checkpoint() -> Path | None:
+        """Save the state after `step`. A failed save (disk full, no permission) warns and training goes
+        on: atomic_dir leaves the previous checkpoints as they were, and one lost save beats a lost run."""
+        nonlocal last_ckpt
+        target = out / "checkpoints" / f"step-{step:06d}"
+        if last_ckpt == target:  # already saved at this step (say, Ctrl-C right after a periodic save)
+            return last_ckpt
+        try:
+            last_ckpt = save_checkpoint(out, step, model, optimizer, cfg, acfg, position, metrics_state, scaler)
+            return last_ckpt
+        except SAVE_ERRORS as e:
+            print(f"\nWARNING: could not save checkpoint {target}: {why(e)}. The newest complete checkpoint is "
+                  f"{last_ckpt or 'none yet'}; training goes on.", file=sys.stderr, flush=True)
+            return None
+
+    report = {"eval_loss_before": None}
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
-    last_ckpt = None
+    batches, oom = [], None
     try:
+        if step == 0 and evals:
+            report["eval_loss_before"] = evaluate(model, evals, cfg.batch_size, pad_id, device, autocast)
+            log({"step": 0, "split": "eval", "loss": report["eval_loss_before"],
+                 "perplexity": math.exp(min(report["eval_loss_before"], 50))})
+            print(f"eval loss before: {report['eval_loss_before']:.4f}")
+        if demo_eval is not None and step == 0:
+            report["before"] = demo_report(model, tok, demo_eval)
+        model.train()
         while step < total_steps:
             epoch, offset = divmod(position, len(train))
             order = D.epoch_order(len(train), cfg.seed, epoch)
@@ -470,19 +608,13 @@ def run(cfg: TrainConfig) -> dict:
             for g in optimizer.param_groups:
                 g["lr"] = lr
             t0 = time.perf_counter()
-            loss, n_tokens = train_step(model, batches, autocast)
+            loss, n_tokens = train_step(model, batches, autocast, scaler)
+            scaler.unscale_(optimizer)  # fp16 only: clipping and the finiteness check need the true gradients
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")).item()
-            if math.isfinite(loss) and math.isfinite(gnorm):
-                optimizer.step()
-                metrics_state["bad_in_a_row"] = 0
-            else:
-                metrics_state["skipped"] += 1
-                metrics_state["bad_in_a_row"] += 1
-                print(f"\nstep {step + 1}: non-finite loss {loss} / grad norm {gnorm}: update skipped "
-                      f"({metrics_state['bad_in_a_row']} in a row)")
-                if metrics_state["bad_in_a_row"] >= cfg.max_bad_steps:
-                    raise TrainingStopped(f"{cfg.max_bad_steps} consecutive non-finite steps; stopping. The last good "
-                                       f"checkpoint is {last_ckpt or newest_checkpoint(out)}. Try a lower --lr.")
+            good = math.isfinite(loss) and math.isfinite(gnorm)
+            if good:  # a skipped step leaves weights and optimizer state exactly as they were
+                scaler.step(optimizer)  # optimizer.step(), unless fp16 found an inf the clip did not
+            scaler.update()  # fp16: halve the scale after an overflow, grow it after a run of good steps
             optimizer.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -494,30 +626,71 @@ def run(cfg: TrainConfig) -> dict:
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{gnorm:.3f}", tok_s=f"{tokens / dt:,.0f}",
                             mem=f"{mem:.1f}G", refresh=False)
             bar.update(1)
-            if step % cfg.log_every == 0 or step == total_steps:
-                log({"step": step, "split": "train", "loss": loss, "lr": lr, "grad_norm": gnorm,
+            if step % cfg.log_every == 0 or step == total_steps or not good:
+                finite = lambda x: x if math.isfinite(x) else None  # noqa: E731 (JSON has no NaN)
+                log({"step": step, "split": "train", "loss": finite(loss), "lr": lr, "grad_norm": finite(gnorm),
                      "tokens_per_s": tokens / dt, "label_tokens": n_tokens, "peak_mem_gib": mem,
-                     "epoch": position / len(train)})
+                     "epoch": position / len(train), "skipped": not good})
+            if good:
+                metrics_state["bad_in_a_row"] = 0
+            else:
+                # An fp16 overflow (finite loss, inf gradient) is the scaler's to handle: it has just halved its
+                # scale and the next step usually fits, so it counts as bad only once the scale is below 1.
+                overflow = scaler.is_enabled() and math.isfinite(loss) and scaler.get_scale() >= 1
+                metrics_state["skipped"] += 1
+                metrics_state["bad_in_a_row"] += 0 if overflow else 1
+                n = metrics_state["bad_in_a_row"]
+                print(f"\nstep {step}: {'fp16 overflow' if overflow else 'non-finite'} loss {loss} / grad norm "
+                      f"{gnorm}: update skipped ({n} in a row, --max-bad-steps {cfg.max_bad_steps})",
+                      file=sys.stderr, flush=True)
+                if n >= cfg.max_bad_steps:
+                    # Skipped steps change nothing, so these are still the weights of step `step - n`: save
+                    # them (unless they are non-finite themselves); older checkpoints stay as they are.
+                    ck = checkpoint() if all(bool(torch.isfinite(p).all()) for p in params) else None
+                    raise TrainingStopped(
+                        f"{n} steps in a row had a non-finite loss or gradient (steps {step - n + 1}-{step}), so "
+                        f"training stopped. Skipped steps change nothing: the weights are those of step {step - n}"
+                        + (f", saved as {ck}" if ck else f"; the newest complete checkpoint is {last_ckpt}")
+                        + f". Look at the data of these steps, or lower --lr (now {cfg.lr:g}), then --resume.")
             if cfg.eval_every and step % cfg.eval_every == 0 and evals and step < total_steps:
                 ev = evaluate(model, evals, cfg.batch_size, pad_id, device, autocast)
                 log({"step": step, "split": "eval", "loss": ev, "perplexity": math.exp(min(ev, 50))})
             if cfg.save_every and step % cfg.save_every == 0:
-                last_ckpt = save_checkpoint(out, step, model, optimizer, cfg, acfg, position, metrics_state)
-    except KeyboardInterrupt:
+                checkpoint()
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (mapped in __main__): save, then exit 130
         bar.close()
-        ck = save_checkpoint(out, step, model, optimizer, cfg, acfg, position, metrics_state)
-        print(f"\ninterrupted: saved {ck}; continue with --resume")
+        ck = checkpoint()
+        print(f"\ninterrupted after step {step}: " + (f"saved {ck}; continue with --resume" if ck else
+                                                     f"the newest complete checkpoint is {last_ckpt}"))
         raise SystemExit(130)
+    except torch.OutOfMemoryError as e:
+        oom = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
     bar.close()
+    if oom is not None:  # outside the except block, so the failed step's tensors are already freed
+        longest = max((b["input_ids"].shape[1] for b in batches), default=None)
+        batches = None
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        ck = checkpoint() if step > 0 else None
+        raise OutOfMemory(oom_advice(cfg, step, oom, longest, device, ck or last_ckpt))
+    checkpoint()  # the state after the last step, before the eval below (a resume need not redo it)
 
     if evals:
         report["eval_loss_after"] = evaluate(model, evals, cfg.batch_size, pad_id, device, autocast)
         log({"step": step, "split": "eval", "loss": report["eval_loss_after"],
              "perplexity": math.exp(min(report["eval_loss_after"], 50))})
-    metrics.close()
-    save_checkpoint(out, step, model, optimizer, cfg, acfg, position, metrics_state)
-    save_adapter(model, out / "adapter", acfg)
-    plot_losses(out)
+    try:
+        save_adapter(model, out / "adapter", acfg)
+    except SAVE_ERRORS as e:
+        kept = (f" Nothing is lost: {last_ckpt}/adapter holds these same weights; make room and run again with "
+                "--resume to write it." if last_ckpt and last_ckpt.name == f"step-{step:06d}" else
+                f" The newest complete checkpoint is {last_ckpt}." if last_ckpt else "")
+        raise TrainingStopped(f"could not write the adapter to {out / 'adapter'}: {why(e)}.{kept}") from None
+    try:
+        plot_losses(out)
+    except OSError as e:
+        print(f"WARNING: could not draw {out / 'loss.png'}: {why(e)}", file=sys.stderr)
     if report.get("eval_loss_before") is not None:
         print(f"eval loss: {report['eval_loss_before']:.4f} -> {report['eval_loss_after']:.4f}")
     if demo_eval is not None:
@@ -530,6 +703,33 @@ def run(cfg: TrainConfig) -> dict:
         push_to_hub(out / "adapter", cfg.push_to_hub)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def oom_advice(cfg: TrainConfig, step: int, error: str, longest: int | None, device, kept: Path | None) -> str:
+    """The out-of-memory message: what ran, how much memory it took, and changes that need less, with numbers."""
+    B, G, L = cfg.batch_size, cfg.grad_accum, cfg.max_seq_len
+    mem = "peak GPU memory: not measured on " + device.type
+    if device.type == "cuda":
+        mem = (f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB of "
+               f"{torch.cuda.get_device_properties(device).total_memory / 2**30:.1f} GiB")
+    seq = min(L, longest or L)
+    lines = [f"out of memory in step {step + 1} ({error}).",
+             f"  now: --batch-size {B} --grad-accum {G} --max-seq-len {L}"
+             + (f" (longest batch here: {longest} tokens)" if longest else "")
+             + f", gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}; {mem}.",
+             "  each of these needs less memory:"]
+    if B > 1:
+        lines.append(f"    --batch-size {B // 2} --grad-accum {G * 2}   the same effective batch of {B * G} in half-size "
+                     "pieces: about half the activation memory; --resume accepts it")
+    if not cfg.gradient_checkpointing:
+        lines.append("    --gradient-checkpointing   keep one tensor per layer and recompute the rest in backward "
+                     "(~1/3 slower)")
+    if not cfg.offload:
+        lines.append("    --offload   lean mode: the checkpointed layer inputs and the embedding table live in host memory")
+    lines.append(f"    --max-seq-len {max(8, seq // 2)}   activations grow with the tokens per batch; longer examples "
+                 "are truncated (or --truncation drop); this one needs a new run")
+    lines.append(f"  kept: {kept}; continue from it with --resume." if kept else "  no checkpoint was written yet.")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- demo report and plot
@@ -595,9 +795,16 @@ def main(argv=None):
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"{prog}: error: {msg}", file=sys.stderr)
         raise SystemExit(2)
-    except TrainingStopped as e:
+    except TrainingStopped as e:  # OutOfMemory included (exit code 3)
         print(f"{prog}: stopped: {e}", file=sys.stderr)
-        raise SystemExit(1)
+        raise SystemExit(e.exit_code)
+    except torch.OutOfMemoryError as e:  # outside the training loop: loading the model
+        print(f"{prog}: error: out of memory before training started ({str(e).strip().splitlines()[0]}): the model "
+              "does not fit; use 4-bit (drop --no-4bit), a smaller model, or a GPU with more memory.", file=sys.stderr)
+        raise SystemExit(3)
+    except KeyboardInterrupt:  # while loading or tokenizing: no training yet, so nothing to save
+        print(f"{prog}: interrupted before training started; nothing to save.", file=sys.stderr)
+        raise SystemExit(130)
 
 
 if __name__ == "__main__":
