@@ -18,6 +18,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .quant import NF4Linear
 
@@ -49,8 +50,9 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         # (x @ A.T) @ B.T costs r*(in+out) per token, against in*out for the dense delta.
-        lora = self.lora_B(self.lora_A(self.lora_dropout(x).to(self.lora_A.weight.dtype)))
-        return y + (lora * self.scale).to(y.dtype)
+        # The small fp32 factors are cast to x's dtype, never the (tokens, in) activations to fp32.
+        a, b = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)
+        return y + F.linear(F.linear(self.lora_dropout(x), a), b * self.scale).to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """scale * B @ A, the (out, in) update that merging adds to the base weight."""
