@@ -272,9 +272,14 @@ def build_examples(records: list[dict], template: str, tok: Tokenizer, max_seq_l
     for rec in records:
         try:
             prompt, full = render(rec, template, tok)
+            full.encode("utf-8")  # a lone surrogate is not a character: the tokenizer would refuse it obscurely
             ex = tokenize(prompt, full, tok, chat=template == "chat")
         except DataError as e:
             problems.append(str(e))
+            continue
+        except UnicodeEncodeError as e:
+            problems.append(f"{rec.get('_where', '?')}: the text holds {e.object[e.start:e.end]!r}, half of a UTF-16 "
+                            "surrogate pair (a \\ud800-style escape in the JSON), which is not a character.")
             continue
         except Exception as e:  # jinja or the tokenizer choking on this row's content (e.g. a lone surrogate)
             problems.append(f"{rec.get('_where', '?')}: cannot render or tokenize this row "

@@ -340,11 +340,14 @@ def set_rng_state(s: dict):
 
 
 def save_checkpoint(out: Path, step: int, model, optimizer, cfg, acfg, position: int, metrics_state: dict,
-                    scaler=None):
-    """checkpoints/step-N/: adapter + optimizer + loss scaler + rng + data position, in one folder, written atomically."""
+                    scaler=None, rng: dict | None = None):
+    """checkpoints/step-N/: adapter + optimizer + loss scaler + rng + data position, in one folder, written atomically.
+
+    `rng` is the generators' state at the start of step N + 1 (default: now).
+    """
     with atomic_dir(out / "checkpoints" / f"step-{step:06d}") as tmp:
         save_adapter(model, tmp / "adapter", acfg)
-        state = {"step": step, "position": position, "optimizer": optimizer.state_dict(), "rng": rng_state(),
+        state = {"step": step, "position": position, "optimizer": optimizer.state_dict(), "rng": rng or rng_state(),
                  "config": asdict(cfg), "metrics": metrics_state, "scaler": scaler.state_dict() if scaler else {}}
         torch.save(state, tmp / "trainer_state.pt")
     return out / "checkpoints" / f"step-{step:06d}"
@@ -580,7 +583,8 @@ def run(cfg: TrainConfig) -> dict:
         if last_ckpt == target:  # already saved at this step (say, Ctrl-C right after a periodic save)
             return last_ckpt
         try:
-            last_ckpt = save_checkpoint(out, step, model, optimizer, cfg, acfg, position, metrics_state, scaler)
+            last_ckpt = save_checkpoint(out, step, model, optimizer, cfg, acfg, position, metrics_state, scaler,
+                                        rng_next)
             return last_ckpt
         except SAVE_ERRORS as e:
             print(f"\nWARNING: could not save checkpoint {target}: {why(e)}. The newest complete checkpoint is "
@@ -590,6 +594,9 @@ def run(cfg: TrainConfig) -> dict:
     report = {"eval_loss_before": None}
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
     batches, oom = [], None
+    # The rng state at the start of step `step + 1`. A Ctrl-C or out-of-memory inside a step saves this one,
+    # not the current state, which that step's dropout has already advanced: the resume redoes the step.
+    rng_next = rng_state()
     try:
         if step == 0 and evals:
             report["eval_loss_before"] = evaluate(model, evals, cfg.batch_size, pad_id, device, autocast)
@@ -621,6 +628,7 @@ def run(cfg: TrainConfig) -> dict:
             dt = time.perf_counter() - t0
             step += 1
             position += per_step
+            rng_next = rng_state()
             tokens = sum(b["input_ids"].numel() for b in batches)
             mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{gnorm:.3f}", tok_s=f"{tokens / dt:,.0f}",
