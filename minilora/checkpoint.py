@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -100,6 +101,14 @@ def safetensors_files(folder: Path) -> list[Path]:
     raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json.{hint}")
 
 
+def unpickling_error(e: Exception) -> str:
+    """The line of a torch.load error that says what was wrong (torch puts advice first, the cause last)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch colours its advice
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    cause = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else "")
+    return f"{type(e).__name__}: {cause.removeprefix('WeightsUnpickler error: ')[:300]}"
+
+
 def pickle_files(folder: Path) -> list[Path]:
     """The shards named by pytorch_model.bin.index.json, or the single pytorch_model.bin."""
     folder = Path(folder)
@@ -123,9 +132,8 @@ def iter_pickle_tensors(files: list[Path]):
         try:
             sd = torch.load(f, weights_only=True, map_location="cpu", mmap=True)
         except Exception as e:
-            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
             raise ValueError(f"{f}: refused by the weights-only unpickler, or not a torch checkpoint "
-                             f"({type(e).__name__}: {first}).") from None
+                             f"({unpickling_error(e)}).") from None
         if not isinstance(sd, dict) or not all(isinstance(t, torch.Tensor) for t in sd.values()):
             raise ValueError(f"{f}: expected a state dict (tensor names to tensors), got {type(sd).__name__}.")
         yield from sd.items()

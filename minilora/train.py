@@ -38,7 +38,8 @@ from safetensors.torch import load_file
 
 from . import data as D
 from .atomic import atomic_dir, clean_leftovers
-from .checkpoint import adapter_config, default_dtype, load_model, resolve_model, save_adapter
+from .checkpoint import (adapter_config, default_dtype, load_model, resolve_model, save_adapter,
+                         unpickling_error)
 from .lora import ALL_TARGETS, apply_lora, describe_trainable, lora_state_dict
 from .loss import causal_lm_loss
 from .tokenizer import Tokenizer
@@ -372,8 +373,7 @@ def read_trainer_state(ck: Path) -> dict:
     try:
         return torch.load(ck / "trainer_state.pt", weights_only=True, map_location="cpu")
     except Exception as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise ValueError(f"cannot resume from {ck}: its trainer_state.pt is unreadable ({type(e).__name__}: {first}). "
+        raise ValueError(f"cannot resume from {ck}: its trainer_state.pt is unreadable ({unpickling_error(e)}). "
                          "Move that folder away to resume from the checkpoint before it.") from None
 
 
@@ -727,13 +727,14 @@ def oom_advice(cfg: TrainConfig, step: int, error: str, longest: int | None, dev
              + f", gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}; {mem}.",
              "  each of these needs less memory:"]
     if B > 1:
-        lines.append(f"    --batch-size {B // 2} --grad-accum {G * 2}   the same effective batch of {B * G} in half-size "
-                     "pieces: about half the activation memory; --resume accepts it")
+        lines.append(f"    --batch-size {B // 2} --grad-accum {G * 2}   the same effective batch of {B * G} in "
+                     "half-size pieces: about half the activation memory; --resume accepts it")
     if not cfg.gradient_checkpointing:
         lines.append("    --gradient-checkpointing   keep one tensor per layer and recompute the rest in backward "
                      "(~1/3 slower)")
     if not cfg.offload:
-        lines.append("    --offload   lean mode: the checkpointed layer inputs and the embedding table live in host memory")
+        lines.append("    --offload   lean mode: the checkpointed layer inputs and the embedding table live in "
+                     "host memory")
     lines.append(f"    --max-seq-len {max(8, seq // 2)}   activations grow with the tokens per batch; longer examples "
                  "are truncated (or --truncation drop); this one needs a new run")
     lines.append(f"  kept: {kept}; continue from it with --resume." if kept else "  no checkpoint was written yet.")

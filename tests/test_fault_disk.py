@@ -42,7 +42,8 @@ def contents(out):
 
 
 def train_steps(out):
-    return [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
+    rows = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    return [r["step"] for r in rows if r["split"] == "train"]
 
 
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
