@@ -109,9 +109,9 @@ def _jsonl_rows(path: Path, problems: list[str]):
             if not line.strip():
                 continue
             try:
-                yield lineno, json.loads(line)
+                yield lineno, json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
-                problems.append(f"{path}:{lineno}: malformed JSON line: {e.msg} (column {e.colno}).")
+                problems.append(f"{path}:{lineno}: malformed JSON line: {e.msg} (column {e.pos + 1}).")
             except RecursionError:
                 problems.append(f"{path}:{lineno}: JSON nested too deeply to read.")
 

@@ -655,11 +655,13 @@ def run(cfg: TrainConfig) -> dict:
                     # Skipped steps change nothing, so these are still the weights of step `step - n`: save
                     # them (unless they are non-finite themselves); older checkpoints stay as they are.
                     ck = checkpoint() if all(bool(torch.isfinite(p).all()) for p in params) else None
+                    bar.close()
                     raise TrainingStopped(
                         f"{n} steps in a row had a non-finite loss or gradient (steps {step - n + 1}-{step}), so "
                         f"training stopped. Skipped steps change nothing: the weights are those of step {step - n}"
                         + (f", saved as {ck}" if ck else f"; the newest complete checkpoint is {last_ckpt}")
-                        + f". Look at the data of these steps, or lower --lr (now {cfg.lr:g}), then --resume.")
+                        + f". Look at the data of these steps; or lower --lr (now {cfg.lr:g}) and start over with "
+                          "--overwrite, or go on from here with --resume.")
             if cfg.eval_every and step % cfg.eval_every == 0 and evals and step < total_steps:
                 ev = evaluate(model, evals, cfg.batch_size, pad_id, device, autocast)
                 log({"step": step, "split": "eval", "loss": ev, "perplexity": math.exp(min(ev, 50))})
