@@ -186,13 +186,16 @@ def main(argv=None):
     p.add_argument("--results", default=str(HERE / "results" / "train_speed.jsonl"))
     p.add_argument("--max-context", default=str(HERE / "results" / "max_context.jsonl"),
                    help="max_context.py's results; skipped if the file does not exist")
-    p.add_argument("--run-id", default=None, help="which train_speed run (default: the newest)")
+    p.add_argument("--run-id", default=None,
+                   help="which train_speed run(s), comma-separated, one table each (default: the newest)")
     p.add_argument("--readme", default=str(HERE / "README.md"))
     p.add_argument("--png", default=str(HERE / "results" / "train_speed.png"))
     a = p.parse_args(argv)
     readme = Path(a.readme)
-    run_id, rows = read_run(a.results, a.run_id)
-    text = replace_between(readme.read_text(), "bench-table", speed_table(run_id, rows), readme)
+    runs = [read_run(a.results, r) for r in (a.run_id.split(",") if a.run_id else [None])]
+    tables = "\n".join(speed_table(run_id, rows) for run_id, rows in runs)
+    text = replace_between(readme.read_text(), "bench-table", tables, readme)
+    run_id, rows = ",".join(r for r, _ in runs), [row for _, rs in runs for row in rs]
     if Path(a.max_context).is_file():
         ctx_id, ctx_rows = read_run(a.max_context)
         text = replace_between(text, "max-context-table", context_table(ctx_id, ctx_rows), readme)
