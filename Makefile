@@ -33,5 +33,9 @@ demo: $(VENV)/.demo
 test: $(VENV)/.test
 	$(PY) -m pytest -q
 
+# The benchmark's CPU mode (a tiny shape; checks the script runs, says nothing about speed).
+bench-cpu: $(VENV)/.test
+	OMP_NUM_THREADS=1 $(PY) bench/train_speed.py --shape tiny --device cpu --stacks minilora,peft --seq 128 --out runs/bench-cpu.jsonl
+
 clean:
 	rm -rf $(VENV) runs *.egg-info
