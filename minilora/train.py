@@ -7,7 +7,8 @@ eval loss, exact-match accuracy and a sample answer before and after.
 The loop, per optimizer step:
 1. take `grad_accum` micro-batches and count their label tokens N (all of them);
 2. for each micro-batch: loss_sum = sum of its token losses; backward(loss_sum / N);
-3. clip the gradient norm, skip the step if it is not finite, step AdamW, set the lr.
+3. clip the gradient norm (fp16: after unscaling), skip the step if the loss or the norm
+   is not finite, step AdamW, set the lr.
 
 Step 2 is the gradient-accumulation fix the peers made in late 2024: dividing
 each micro-batch by its own token count and averaging the means weights a
@@ -15,6 +16,13 @@ token in a short micro-batch more than one in a long one, so batch 8 x accum 1
 and batch 2 x accum 4 would train differently. Dividing every micro-batch by
 the step's total N makes the accumulated gradient exactly the gradient of the
 mean over all N tokens (tests/test_train.py checks it).
+
+Faults (docs-faults.md; tests/test_fault_*.py). Each checkpoint is one folder,
+written atomically, holding everything a resume needs. A kill loses only the
+steps after the newest one, and --resume redoes them exactly. Ctrl-C and SIGTERM
+save first (exit 130). A non-finite step is skipped and logged; --max-bad-steps
+in a row stop the run (exit 1). Out of memory ends with advice (exit 3). A failed
+checkpoint warns and training goes on. Bad data is all reported before the model loads.
 """
 from __future__ import annotations
 
@@ -596,7 +604,7 @@ def run(cfg: TrainConfig) -> dict:
     batches, oom = [], None
     # The rng state at the start of step `step + 1`. A Ctrl-C or out-of-memory inside a step saves this one,
     # not the current state, which that step's dropout has already advanced: the resume redoes the step.
-    rng_next = rng_state()
+    rng_next = None
     try:
         if step == 0 and evals:
             report["eval_loss_before"] = evaluate(model, evals, cfg.batch_size, pad_id, device, autocast)
@@ -606,6 +614,7 @@ def run(cfg: TrainConfig) -> dict:
         if demo_eval is not None and step == 0:
             report["before"] = demo_report(model, tok, demo_eval)
         model.train()
+        rng_next = rng_state()
         while step < total_steps:
             epoch, offset = divmod(position, len(train))
             order = D.epoch_order(len(train), cfg.seed, epoch)
@@ -620,7 +629,7 @@ def run(cfg: TrainConfig) -> dict:
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")).item()
             good = math.isfinite(loss) and math.isfinite(gnorm)
             if good:  # a skipped step leaves weights and optimizer state exactly as they were
-                scaler.step(optimizer)  # optimizer.step(), unless fp16 found an inf the clip did not
+                scaler.step(optimizer)  # = optimizer.step(): the scaler's own inf check agrees with `good`
             scaler.update()  # fp16: halve the scale after an overflow, grow it after a run of good steps
             optimizer.zero_grad(set_to_none=True)
             if device.type == "cuda":
@@ -635,8 +644,9 @@ def run(cfg: TrainConfig) -> dict:
                             mem=f"{mem:.1f}G", refresh=False)
             bar.update(1)
             if step % cfg.log_every == 0 or step == total_steps or not good:
-                finite = lambda x: x if math.isfinite(x) else None  # noqa: E731 (JSON has no NaN)
-                log({"step": step, "split": "train", "loss": finite(loss), "lr": lr, "grad_norm": finite(gnorm),
+                log({"step": step, "split": "train", "lr": lr,  # NaN is not JSON: a non-finite value is null
+                     "loss": loss if math.isfinite(loss) else None,
+                     "grad_norm": gnorm if math.isfinite(gnorm) else None,
                      "tokens_per_s": tokens / dt, "label_tokens": n_tokens, "peak_mem_gib": mem,
                      "epoch": position / len(train), "skipped": not good})
             if good:
@@ -669,6 +679,9 @@ def run(cfg: TrainConfig) -> dict:
                 checkpoint()
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (mapped in __main__): save, then exit 130
         bar.close()
+        if step == (int(last_ckpt.name[5:]) if last_ckpt else 0):
+            print(f"\ninterrupted after step {step}: nothing new to save" + (f"; {last_ckpt} holds it" if step else ""))
+            raise SystemExit(130)
         ck = checkpoint()
         print(f"\ninterrupted after step {step}: " + (f"saved {ck}; continue with --resume" if ck else
                                                      f"the newest complete checkpoint is {last_ckpt}"))
@@ -813,8 +826,8 @@ def main(argv=None):
         print(f"{prog}: error: out of memory before training started ({str(e).strip().splitlines()[0]}): the model "
               "does not fit; use 4-bit (drop --no-4bit), a smaller model, or a GPU with more memory.", file=sys.stderr)
         raise SystemExit(3)
-    except KeyboardInterrupt:  # while loading or tokenizing: no training yet, so nothing to save
-        print(f"{prog}: interrupted before training started; nothing to save.", file=sys.stderr)
+    except KeyboardInterrupt:  # while loading or tokenizing, or a second Ctrl-C while saving
+        print(f"{prog}: interrupted; nothing more was saved.", file=sys.stderr)
         raise SystemExit(130)
 
 
