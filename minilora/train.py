@@ -45,6 +45,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from . import data as D
+from . import distributed as dp
 from .atomic import atomic_dir, clean_leftovers
 from .checkpoint import (adapter_config, default_dtype, load_model, resolve_model, save_adapter,
                          unpickling_error)
@@ -112,6 +113,11 @@ DEMO = dict(batch_size=8, grad_accum=1, max_steps=24, lr=2e-3, warmup_steps=3, r
             max_seq_len=256, eval_every=0, gradient_checkpointing=False, output_dir="runs/demo")
 
 
+# peft's LoraConfig names, as second spellings. `--lora-r` is also the one torchrun accepts: its own parser
+# reads `--r` as an ambiguous abbreviation of its --rdzv-*/--role/--run-path options, even after `-m module`.
+PEFT_NAMES = {"r": ["--lora-r"], "alpha": ["--lora-alpha"], "dropout": ["--lora-dropout"]}
+
+
 class UsageError(ValueError):
     """A bad flag or value: printed as one line, exit code 2."""
 
@@ -132,14 +138,15 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minilora.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-")] + PEFT_NAMES.get(f.name, [])
         meta = f.metadata
         if f.type == "bool" or isinstance(f.default, bool):
             action = argparse.BooleanOptionalAction if f.default else "store_true"
-            p.add_argument(flag, action=action, default=argparse.SUPPRESS, help=meta["help"])
+            p.add_argument(*flags, dest=f.name, action=action, default=argparse.SUPPRESS, help=meta["help"])
         else:
-            p.add_argument(flag, type=type(f.default), default=argparse.SUPPRESS, choices=meta["choices"],
-                           help=meta["help"] + f" (default: {f.default!r})", metavar=f.name.upper())
+            p.add_argument(*flags, dest=f.name, type=type(f.default), default=argparse.SUPPRESS,
+                           choices=meta["choices"], help=meta["help"] + f" (default: {f.default!r})",
+                           metavar=f.name.upper())
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     return p
 
@@ -290,14 +297,30 @@ def micro_batches(examples, order, start: int, count: int, batch_size: int):
     return out
 
 
-def train_step(model, batches: list[dict], autocast, scaler=None) -> tuple[float, int]:
-    """Forward and backward over one optimizer step's micro-batches; returns (mean loss, label tokens).
+def rank_slice(mbs: list[list], rank: int, world: int) -> list[list]:
+    """This rank's part of each micro-batch: rank r takes the r-th of `world` equal pieces.
 
-    Every micro-batch's loss sum is divided by the SAME token count N of the whole step.
+    The step's micro-batches are drawn at batch_size x world, the same on every rank, so the
+    ranks' pieces together are exactly what one process with batch world x batch_size would take.
+    """
+    return [mb[rank * len(mb) // world: (rank + 1) * len(mb) // world] for mb in mbs]
+
+
+def label_tokens(batches: list[dict]) -> int:
+    """Tokens that carry a loss: labels after the shift that are not IGNORE (prompt or padding)."""
+    return sum(int((b["labels"][:, 1:] != D.IGNORE).sum()) for b in batches)
+
+
+def train_step(model, batches: list[dict], autocast, scaler=None, n_total: int | None = None) -> tuple[float, int]:
+    """Forward and backward over one optimizer step's micro-batches; returns (loss sum / N, N).
+
+    Every micro-batch's loss sum is divided by the SAME token count N of the whole step
+    (with several ranks, `n_total` is N over all of them: then the ranks' returned losses and
+    gradients sum to the global mean and its gradient).
     With fp16, `scaler` multiplies the loss by its scale S before backward, so gradients
     too small for fp16 do not flush to zero; they are S times too large until `scaler.unscale_`.
     """
-    n_total = sum(int((b["labels"][:, 1:] != D.IGNORE).sum()) for b in batches)
+    n_total = label_tokens(batches) if n_total is None else n_total
     loss_total = 0.0
     for b in batches:
         with autocast:
@@ -357,7 +380,8 @@ def save_checkpoint(out: Path, step: int, model, optimizer, cfg, acfg, position:
     with atomic_dir(out / "checkpoints" / f"step-{step:06d}") as tmp:
         save_adapter(model, tmp / "adapter", acfg)
         state = {"step": step, "position": position, "optimizer": optimizer.state_dict(), "rng": rng or rng_state(),
-                 "config": asdict(cfg), "metrics": metrics_state, "scaler": scaler.state_dict() if scaler else {}}
+                 "config": asdict(cfg), "metrics": metrics_state, "scaler": scaler.state_dict() if scaler else {},
+                 "world_size": dp.world()}  # the data position assumes this many ranks: resume needs as many
         torch.save(state, tmp / "trainer_state.pt")
     return out / "checkpoints" / f"step-{step:06d}"
 
@@ -452,7 +476,8 @@ def prepare_output(cfg: TrainConfig) -> Path:
     finished = (out / "adapter" / "adapter_config.json").is_file()
     started = newest_checkpoint(out) is not None or (out / "metrics.jsonl").exists()
     if cfg.overwrite and out.exists():
-        shutil.rmtree(out)
+        if dp.is_main():  # the other ranks wait at run()'s barrier until the folder is clean
+            shutil.rmtree(out)
     elif cfg.resume and not started:
         raise UsageError(f"--resume: {out} has no checkpoint to resume from.")
     elif not cfg.resume and finished:
@@ -523,18 +548,27 @@ def pick_device(name: str) -> torch.device:
 
 
 def run(cfg: TrainConfig) -> dict:
-    device = pick_device(cfg.device)
+    device = dp.init(pick_device(cfg.device))  # under torchrun: join the other ranks (distributed.py)
+    main_rank, world = dp.is_main(), dp.world()
+    if not main_rank:  # the other ranks would print the same lines again; their errors still go to stderr
+        sys.stdout = open(os.devnull, "w")
     out = prepare_output(cfg)
     resume = None  # (checkpoint folder, its trainer state)
     if cfg.resume:  # a mismatched resume is refused before anything slow
-        for line in clean_leftovers(out / "checkpoints") + clean_leftovers(out):
-            print(line)
+        if main_rank:
+            for line in clean_leftovers(out / "checkpoints") + clean_leftovers(out):
+                print(line)
         ck = newest_checkpoint(out)
         if ck is None:
             print(f"--resume: {out} has no complete checkpoint yet (stopped before the first save); starting at step 0")
         else:
             resume = ck, read_trainer_state(ck)
             check_resume(resume[1]["config"], cfg, ck)
+            saved_world = resume[1].get("world_size", 1)
+            if saved_world != world:
+                raise UsageError(f"cannot resume from {ck}: it was written by {saved_world} rank(s), this run has "
+                                 f"{world}. Resume with torchrun --nproc_per_node {saved_world}, or start over.")
+    dp.barrier()  # rank 0 has cleaned the folder (--overwrite, leftovers of a killed save)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     if cfg.model:
@@ -545,6 +579,7 @@ def run(cfg: TrainConfig) -> dict:
         model_path = smollm2_folder()
     tok = Tokenizer(model_path)
     train, evals, template, demo_eval = load_data(cfg, tok)  # all of it, before the model takes any memory
+    dp.check_same_everywhere(asdict(cfg), train)  # every rank: same flags, same data, or a clear stop
     pad_id = D.pad_id_for(tok)
 
     dtype = default_dtype(device)
@@ -563,7 +598,7 @@ def run(cfg: TrainConfig) -> dict:
     autocast = torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda")
     scaler = make_scaler(dtype, device)
 
-    per_step = cfg.batch_size * cfg.grad_accum
+    per_step = cfg.batch_size * cfg.grad_accum * world  # examples per optimizer step, all ranks together
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train) / per_step))
     step, position, metrics_state = 0, 0, {"bad_in_a_row": 0, "skipped": 0, "metrics_rows": 0}
     if resume:
@@ -573,10 +608,13 @@ def run(cfg: TrainConfig) -> dict:
         metrics_state.update(state["metrics"])
         print(f"resumed from {ck} at step {step}")
     metrics_path = out / "metrics.jsonl"
-    metrics_state["metrics_rows"] = rewind_metrics(metrics_path, step, state["metrics"].get("metrics_rows")
-                                                   if resume else 0)
+    if main_rank:
+        metrics_state["metrics_rows"] = rewind_metrics(metrics_path, step, state["metrics"].get("metrics_rows")
+                                                       if resume else 0)
 
     def log(row):
+        if not main_rank:
+            return
         with open(metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         metrics_state["metrics_rows"] += 1  # saved with each checkpoint: where a resume cuts the file back to
@@ -590,6 +628,10 @@ def run(cfg: TrainConfig) -> dict:
         target = out / "checkpoints" / f"step-{step:06d}"
         if last_ckpt == target:  # already saved at this step (say, Ctrl-C right after a periodic save)
             return last_ckpt
+        if not main_rank:  # rank 0 writes; the weights and optimizer state are the same on every rank
+            dp.barrier()
+            last_ckpt = target
+            return last_ckpt
         try:
             last_ckpt = save_checkpoint(out, step, model, optimizer, cfg, acfg, position, metrics_state, scaler,
                                         rng_next)
@@ -598,9 +640,12 @@ def run(cfg: TrainConfig) -> dict:
             print(f"\nWARNING: could not save checkpoint {target}: {why(e)}. The newest complete checkpoint is "
                   f"{last_ckpt or 'none yet'}; training goes on.", file=sys.stderr, flush=True)
             return None
+        finally:
+            dp.barrier()
 
     report = {"eval_loss_before": None}
-    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", dynamic_ncols=True,
+               disable=not main_rank)
     batches, oom = [], None
     # The rng state at the start of step `step + 1`. A Ctrl-C or out-of-memory inside a step saves this one,
     # not the current state, which that step's dropout has already advanced: the resume redoes the step.
@@ -618,13 +663,20 @@ def run(cfg: TrainConfig) -> dict:
         while step < total_steps:
             epoch, offset = divmod(position, len(train))
             order = D.epoch_order(len(train), cfg.seed, epoch)
-            batches = [{k: v.to(device) for k, v in D.collate(mb, pad_id).items()}
-                       for mb in micro_batches(train, order, offset, cfg.grad_accum, cfg.batch_size)]
+            # The step's micro-batches at batch_size x world, the same on every rank; each rank takes its slice.
+            mbs = rank_slice(micro_batches(train, order, offset, cfg.grad_accum, cfg.batch_size * world),
+                             dp.rank(), world)
+            batches = [{k: v.to(device) for k, v in D.collate(mb, pad_id).items()} for mb in mbs]
             lr = lr_at(step, cfg, total_steps)
             for g in optimizer.param_groups:
                 g["lr"] = lr
             t0 = time.perf_counter()
-            loss, n_tokens = train_step(model, batches, autocast, scaler)
+            # The loss is divided by the label tokens of ALL ranks, so the ranks' losses and gradients add up
+            # to the global mean and its gradient: N ranks x batch b train exactly as 1 rank x batch N*b.
+            n_tokens = dp.all_reduce_sum(label_tokens(batches))
+            loss, _ = train_step(model, batches, autocast, scaler, n_total=n_tokens)
+            loss = dp.all_reduce_sum(loss)
+            dp.all_reduce_grads(params, device)  # once per optimizer step, after every micro-batch
             scaler.unscale_(optimizer)  # fp16 only: clipping and the finiteness check need the true gradients
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")).item()
             good = math.isfinite(loss) and math.isfinite(gnorm)
@@ -638,7 +690,7 @@ def run(cfg: TrainConfig) -> dict:
             step += 1
             position += per_step
             rng_next = rng_state()
-            tokens = sum(b["input_ids"].numel() for b in batches)
+            tokens = dp.all_reduce_sum(sum(b["input_ids"].numel() for b in batches))
             mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{gnorm:.3f}", tok_s=f"{tokens / dt:,.0f}",
                             mem=f"{mem:.1f}G", refresh=False)
@@ -703,6 +755,9 @@ def run(cfg: TrainConfig) -> dict:
         report["eval_loss_after"] = evaluate(model, evals, cfg.batch_size, pad_id, device, autocast)
         log({"step": step, "split": "eval", "loss": report["eval_loss_after"],
              "perplexity": math.exp(min(report["eval_loss_after"], 50))})
+    if not main_rank:  # the rest is rank 0's: the adapter, the plot, the report, the upload
+        dp.barrier()
+        return report
     try:
         save_adapter(model, out / "adapter", acfg)
     except SAVE_ERRORS as e:
@@ -710,6 +765,8 @@ def run(cfg: TrainConfig) -> dict:
                 "--resume to write it." if last_ckpt and last_ckpt.name == f"step-{step:06d}" else
                 f" The newest complete checkpoint is {last_ckpt}." if last_ckpt else "")
         raise TrainingStopped(f"could not write the adapter to {out / 'adapter'}: {why(e)}.{kept}") from None
+    finally:
+        dp.barrier()  # the other ranks exit once the adapter is written
     try:
         plot_losses(out)
     except OSError as e:
@@ -829,6 +886,8 @@ def main(argv=None):
     except KeyboardInterrupt:  # while loading or tokenizing, or a second Ctrl-C while saving
         print(f"{prog}: interrupted; nothing more was saved.", file=sys.stderr)
         raise SystemExit(130)
+    finally:
+        dp.teardown()
 
 
 if __name__ == "__main__":

@@ -30,12 +30,12 @@ def wrap_train_step(monkeypatch, bad: dict[int, str]):
     ("interrupt"). Returns the list of LoRA weights each step started from."""
     real, starts = T.train_step, []
 
-    def step(model, batches, autocast, scaler=None):
+    def step(model, batches, autocast, scaler=None, **kw):
         starts.append({k: v.detach().clone() for k, v in lora_state_dict(model).items()})
         k = len(starts)
         if bad.get(k) == "interrupt":
             raise KeyboardInterrupt
-        loss, n = real(model, batches, autocast, scaler)
+        loss, n = real(model, batches, autocast, scaler, **kw)
         if bad.get(k) == "nan-loss":
             return float("nan"), n
         if bad.get(k) == "inf-grad":
