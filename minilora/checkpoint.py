@@ -164,8 +164,12 @@ def empty_model(cfg: ModelConfig) -> CausalLM:
 
 
 def assign_tensor(model: CausalLM, name: str, tensor: torch.Tensor, *, device, dtype, quantize: str | None,
-                  double_quant: bool = True):
-    """Put one checkpoint tensor in place; quantize decoder linear weights as they arrive."""
+                  double_quant: bool = True, shard=None):
+    """Put one checkpoint tensor in place; quantize decoder linear weights as they arrive.
+
+    `shard(nf4_linear)`, if given, is applied to each new 4-bit layer at once (distributed.shard_nf4:
+    FSDP2 keeps this rank's slice), so a rank never holds more than its share plus one layer.
+    """
     mod_name, _, leaf = name.rpartition(".")
     try:
         mod = model.get_submodule(mod_name)
@@ -178,6 +182,8 @@ def assign_tensor(model: CausalLM, name: str, tensor: torch.Tensor, *, device, d
                              f"{(mod.out_features, mod.in_features)}.")
         q = NF4Linear.from_weight(tensor.to(device), mod.bias, quant_type=quantize, double_quant=double_quant,
                                   compute_dtype=dtype)
+        if shard is not None:
+            shard(q)
         parent_name, _, child = mod_name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, q)
         return
@@ -208,12 +214,13 @@ def default_dtype(device) -> torch.dtype:
 
 
 def load_model(name, *, device="cpu", dtype: torch.dtype | None = None, quantize: str | None = "nf4",
-               double_quant: bool = True, progress: bool = True, trust_pickle: bool = False) -> CausalLM:
+               double_quant: bool = True, progress: bool = True, trust_pickle: bool = False, shard=None) -> CausalLM:
     """Load a Llama/Qwen2 checkpoint, quantizing decoder linears to NF4 (or FP4, or none) on the way.
 
     The embeddings, norms and lm_head stay in `dtype`, as in bitsandbytes-QLoRA.
     Only safetensors are read, unless `trust_pickle` and the folder has no safetensors: then
     pytorch_model.bin (or its shards) through the weights-only unpickler.
+    `shard`: see assign_tensor (FSDP2 under `--fsdp`).
     """
     if quantize not in (None, "nf4", "fp4"):
         raise ValueError(f"quantize must be 'nf4', 'fp4' or None, got {quantize!r}.")
@@ -231,7 +238,8 @@ def load_model(name, *, device="cpu", dtype: torch.dtype | None = None, quantize
     for tname, t in tqdm(tensors, total=total, desc="loading", unit="tensor", disable=not progress, leave=False):
         if tname.endswith("rotary_emb.inv_freq") or (tname == "lm_head.weight" and cfg.tie_word_embeddings):
             continue  # recomputed / shared with embed_tokens
-        assign_tensor(model, tname, t, device=device, dtype=dtype, quantize=quantize, double_quant=double_quant)
+        assign_tensor(model, tname, t, device=device, dtype=dtype, quantize=quantize, double_quant=double_quant,
+                      shard=shard)
     model = finish_model(model, device)
     model.source = str(folder)
     return model

@@ -12,6 +12,15 @@ communication there is. DDP's machinery (a hook on every parameter, buckets over
 backward, `no_sync` for accumulation) is for large dense models; here it would add code, not speed.
 
 With WORLD_SIZE unset or 1 every function below is a no-op, so single-process runs are unchanged.
+
+`--fsdp` (FSDP2, for a base too large for one GPU): each rank keeps 1/N of every frozen 4-bit
+weight, and FSDP2 all-gathers a layer's codes just before that layer runs (forward, recompute,
+backward) and frees them right after. The packed codes are plain uint8 tensors of shape
+(out*in/2, 1), which FSDP2 shards along dim 0 like any other tensor (FSDP1 needed bitsandbytes'
+`quant_storage` to make them a float dtype; FSDP2 shards each parameter on its own and does not
+care). The absmax statistics and code book stay whole on every rank: 1/32 of the codes' bytes.
+The LoRA factors are not sharded: they stay replicated and go through all_reduce_grads as in
+plain data parallelism, so both modes share one update path.
 """
 from __future__ import annotations
 
@@ -21,6 +30,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
 
 def world() -> int:
@@ -91,6 +101,40 @@ def all_reduce_grads(params: list[torch.Tensor], device: torch.device):
     dist.all_reduce(flat)
     for p, chunk in zip(params, flat.split([g.numel() for g in grads])):
         p.grad = chunk.view_as(p).to(p.dtype)
+
+
+def mesh(device: torch.device):
+    """All ranks in one dimension: FSDP2 shards over every process."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (world(),))
+
+
+def shard_nf4(layer: nn.Module, device_mesh):
+    """Keep 1/N of a 4-bit layer's packed codes on this rank (FSDP2).
+
+    FSDP2 shards parameters, not buffers, so the codes become a frozen Parameter first.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    codes = layer._buffers.pop("weight")
+    layer.weight = nn.Parameter(codes, requires_grad=False)
+    fully_shard(layer, mesh=device_mesh)
+
+
+def shard_root(model: nn.Module, device_mesh):
+    """Make the whole model FSDP2's root, managing none of its own parameters.
+
+    Without a root, each 4-bit layer would be a root of its own, and FSDP2 keeps a root's
+    weights gathered after forward (for the backward that follows at once): all N shares would
+    stay in memory. Under a root, each layer is freed after its forward and gathered again for
+    its backward. Every parameter not already sharded (embeddings, norms, LoRA) is left alone.
+    """
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    unsharded = {p for p in model.parameters() if not isinstance(p, DTensor)}
+    fully_shard(model, mesh=device_mesh, ignored_params=unsharded)
 
 
 def data_hash(examples) -> str:

@@ -91,6 +91,8 @@ class TrainConfig:
     optim: str = _f("adamw8bit", "optimizer (bitsandbytes 8-bit AdamW, or torch's)", ("adamw8bit", "adamw", "paged_adamw8bit"))
     gradient_checkpointing: bool = _f(True, "recompute each decoder layer in backward: less memory, ~1/3 more compute")
     offload: bool = _f(False, "lean mode: keep checkpointed layer inputs and the embedding table in host memory")
+    fsdp: bool = _f(False, "under torchrun: shard the frozen 4-bit base across the ranks with FSDP2, for models "
+                           "too large for one GPU (LoRA stays replicated)")
     compile: str = _f("auto", "torch.compile each decoder layer (fuses norms, RoPE, SwiGLU); auto: on CUDA only",
                       ("auto", "on", "off"))
     # eval, saving and run control
@@ -234,6 +236,11 @@ def validate(cfg: TrainConfig):
         choices = TrainConfig.__dataclass_fields__[name].metadata["choices"]
         need(getattr(cfg, name) in choices, f"--{name.replace('_', '-')} must be one of {', '.join(choices)}.")
     need(not (cfg.resume and cfg.overwrite), "--resume and --overwrite contradict each other; pick one.")
+    need(not cfg.fsdp or dp.world() > 1, "--fsdp shards the model across processes, but this is a single process. "
+         "Launch with torchrun --nproc_per_node N -m minilora.train ... (N >= 2), or drop --fsdp.")
+    need(not (cfg.fsdp and cfg.no_4bit), "--fsdp shards the 4-bit base weights; it does not work with --no-4bit.")
+    need(not (cfg.fsdp and cfg.compile == "on"), "--fsdp and --compile on: per-layer compile cannot trace FSDP2's "
+         "gather/free hooks inside each layer here; use --compile off (or auto, which is off under --fsdp).")
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -583,12 +590,16 @@ def run(cfg: TrainConfig) -> dict:
     pad_id = D.pad_id_for(tok)
 
     dtype = default_dtype(device)
+    mesh = dp.mesh(device) if cfg.fsdp else None
     model = load_model(model_path, device=device, dtype=dtype, quantize=None if cfg.no_4bit else cfg.quant_type,
-                       trust_pickle=cfg.trust_pickle_files)
+                       trust_pickle=cfg.trust_pickle_files, shard=(lambda q: dp.shard_nf4(q, mesh)) if mesh else None)
     targets = [t.strip() for t in cfg.targets.split(",") if t.strip()]
     apply_lora(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, rslora=cfg.rslora, targets=targets)
-    setup_for_training(model, gradient_checkpointing=cfg.gradient_checkpointing, compile=cfg.compile, device=device,
-                       offload=cfg.offload)
+    # FSDP2's gather/free hooks sit inside each decoder layer, where a per-layer torch.compile would have to trace them
+    setup_for_training(model, gradient_checkpointing=cfg.gradient_checkpointing,
+                       compile="off" if cfg.fsdp else cfg.compile, device=device, offload=cfg.offload)
+    if mesh:
+        dp.shard_root(model.model, mesh)  # the decoder stack: what training, eval and generation call
     print(describe_trainable(model))
     acfg = adapter_config(model, cfg.model or str(model_path), r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
                           rslora=cfg.rslora)
@@ -755,6 +766,8 @@ def run(cfg: TrainConfig) -> dict:
         report["eval_loss_after"] = evaluate(model, evals, cfg.batch_size, pad_id, device, autocast)
         log({"step": step, "split": "eval", "loss": report["eval_loss_after"],
              "perplexity": math.exp(min(report["eval_loss_after"], 50))})
+    if demo_eval is not None:  # every rank generates: under --fsdp each forward needs all of them
+        report["after"] = demo_report(model, tok, demo_eval)
     if not main_rank:  # the rest is rank 0's: the adapter, the plot, the report, the upload
         dp.barrier()
         return report
@@ -774,7 +787,6 @@ def run(cfg: TrainConfig) -> dict:
     if report.get("eval_loss_before") is not None:
         print(f"eval loss: {report['eval_loss_before']:.4f} -> {report['eval_loss_after']:.4f}")
     if demo_eval is not None:
-        report["after"] = demo_report(model, tok, demo_eval)
         print_demo_summary(report)
     print(f"adapter saved to {out / 'adapter'}")
     if cfg.push_to_hub:

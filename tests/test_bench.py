@@ -130,3 +130,22 @@ def test_targets_are_minilora_targets():
     from minilora.lora import ALL_TARGETS
 
     assert TARGETS == ALL_TARGETS
+
+
+def test_scaling_rows_and_fsdp_agrees_with_data_parallel(tmp_path):
+    """bench/scaling.py on the CPU (gloo): one row per process count with its scaling against 1 rank; the FSDP2
+    launch on the same 2 ranks' data computes the same losses as plain data parallelism (the base weights are
+    the same whether each rank holds them whole or gathers them from halves)."""
+    out = tmp_path / "scaling.jsonl"
+    common = [sys.executable, "bench/scaling.py", "--shape", "tiny", "--device", "cpu", "--steps", "1", "--warmup",
+              "1", "--seq", "64", "--out", str(out), "--tmp", str(tmp_path)]
+    for extra in (["--gpus", "1,2"], ["--gpus", "2", "--fsdp"]):
+        r = subprocess.run(common + extra, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    one, two, fsdp = _rows(out)
+    assert [(x["ranks"], x["fsdp"]) for x in (one, two, fsdp)] == [(1, False), (2, False), (2, True)]
+    assert not any(x.get("error") for x in (one, two, fsdp))
+    assert one["scaling"] == 1.0 and two["scaling"] == pytest.approx(two["tokens_per_s"] / one["tokens_per_s"])
+    assert abs(one["losses"][0] - math.log(512)) < 0.5  # a random 512-token model starts near ln(512)
+    for a, b in zip(two["losses"], fsdp["losses"]):
+        assert abs(a - b) < 1e-5, (two["losses"], fsdp["losses"])

@@ -103,3 +103,62 @@ def test_ranks_with_different_data_are_stopped(tmp_path):
                         str(script), *args], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode != 0
     assert "rank 1 disagrees with rank 0" in r.stderr and "data:" in r.stderr, r.stderr
+
+
+def test_fsdp_shards_the_4bit_base_and_trains_like_one_rank(tmp_path):
+    """--fsdp: each rank keeps half of every NF4 layer's codes (FSDP2), and the run equals 1 rank x batch 4
+    on the same 4-bit model."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    nf4 = lambda a: [x for x in a if x != "--no-4bit"]  # noqa: E731
+    r = run_train(nf4(args_for(tmp_path, one, 4)))
+    assert r.returncode == 0, r.stderr
+    r = run_torchrun(nf4(args_for(tmp_path, two, 2)) + ["--fsdp"])
+    assert r.returncode == 0, r.stderr
+    assert_same_run(one, two, [1, 2, 3, 4, 5, 6])
+
+
+def test_fsdp_on_one_process_is_refused(tmp_path):
+    r = run_train(args_for(tmp_path, tmp_path / "o", 2) + ["--fsdp"])
+    assert r.returncode == 2 and "--fsdp shards the model across processes" in r.stderr, r.stderr
+
+
+def test_fsdp_layer_keeps_half_the_codes_and_matches_the_whole_layer(tmp_path):
+    """The sharding itself, against bitsandbytes' own dequantization: after shard_nf4 each of 2 ranks holds
+    half of the packed codes, and a forward and backward through the layer equal the unsharded layer's."""
+    script = tmp_path / "shard.py"
+    script.write_text(SHARD_SCRIPT)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                        str(script)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "MINILORA_DIST_TIMEOUT": "60"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("ok") == 2, r.stdout
+
+
+SHARD_SCRIPT = """
+import torch, torch.distributed as dist, torch.nn as nn
+from torch.distributed.tensor import DTensor
+from minilora import distributed as dp
+from minilora.quant import NF4Linear
+import bitsandbytes.functional as bnbF
+
+device = dp.init(torch.device("cpu"))
+torch.manual_seed(0)
+w = torch.randn(96, 64)
+layer = NF4Linear.from_weight(w, compute_dtype=torch.float32)
+dense = bnbF.dequantize_4bit(layer.weight, layer.quant_state)  # bitsandbytes' view of the 4-bit weight
+root = nn.Sequential(layer)
+mesh = dp.mesh(device)
+dp.shard_nf4(layer, mesh)
+dp.shard_root(root, mesh)
+assert isinstance(layer.weight, DTensor) and layer.weight.to_local().shape[0] == 96 * 64 // 2 // 2
+x = torch.randn(3, 64, requires_grad=True)
+y = root(x)
+assert isinstance(layer.weight, DTensor)  # freed again after forward
+y.square().sum().backward()
+ref_x = x.detach().clone().requires_grad_()
+ref_y = ref_x @ dense.T
+ref_y.square().sum().backward()
+torch.testing.assert_close(y, ref_y)
+torch.testing.assert_close(x.grad, ref_x.grad)
+print("ok")
+"""
