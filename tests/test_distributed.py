@@ -162,3 +162,31 @@ torch.testing.assert_close(y, ref_y)
 torch.testing.assert_close(x.grad, ref_x.grad)
 print("ok")
 """
+
+
+def test_a_dying_rank_stops_the_others_in_bounded_time(tmp_path):
+    """Rank 1 dies in its third step (killed, out of memory, a lost node): rank 0 must not wait forever in the
+    next all-reduce. torchrun ends the group, and the process-group timeout bounds it where torchrun cannot."""
+    import time
+
+    args = args_for(tmp_path, tmp_path / "o", 2, max_steps=50)
+    boot = ("import os, runpy, sys\n"
+            "import minilora.train as T\n"
+            "real, calls = T.train_step, []\n"
+            "def step(*a, **kw):\n"
+            "    calls.append(1)\n"
+            "    if os.environ['RANK'] == '1' and len(calls) == 3:\n"
+            "        os._exit(9)\n"
+            "    return real(*a, **kw)\n"
+            "T.train_step = step\n"
+            "sys.argv[0] = T.__file__\n"
+            "T.main()\n")
+    script = tmp_path / "boot.py"
+    script.write_text(boot)
+    t = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                        str(script), *args], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "MINILORA_DIST_TIMEOUT": "30"})
+    assert r.returncode != 0
+    assert time.monotonic() - t < 150, "the surviving rank waited too long"
+    assert "exitcode  : 9" in r.stderr, r.stderr[-2000:]
