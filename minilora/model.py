@@ -173,9 +173,13 @@ class Attention(nn.Module):
             k, v = self.cache.update(cache_pos, k, v)
         # Grouped-query attention: each of the n_kv heads serves n_heads / n_kv query heads.
         # With no explicit mask, the causal mask is implied and SDPA can use flash attention.
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv != self.n_heads
-        )
+        # `mask` is None, a boolean (B, 1, T, S) tensor (padded generation), or a packing.Documents:
+        # several examples in one row, each attending only to itself.
+        gqa = self.n_kv != self.n_heads
+        if mask is not None and not torch.is_tensor(mask):
+            y = mask.attend(q, k, v, gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -46,6 +46,7 @@ from safetensors.torch import load_file
 
 from . import data as D
 from . import distributed as dp
+from . import packing
 from .atomic import atomic_dir, clean_leftovers
 from .checkpoint import (adapter_config, default_dtype, load_model, resolve_model, save_adapter,
                          unpickling_error)
@@ -71,6 +72,8 @@ class TrainConfig:
     bad_rows: str = _f("error", "malformed data rows: stop with every problem listed, or skip them", ("error", "skip"))
     # batching and schedule
     batch_size: int = _f(2, "examples per micro-batch")
+    padding_free: bool = _f(False, "put each micro-batch's examples end to end in one row instead of padding them to "
+                                   "the longest (trl's padding_free): no compute on pad tokens, the same loss")
     grad_accum: int = _f(4, "micro-batches per optimizer step (effective batch = batch_size * grad_accum)")
     max_steps: int = _f(0, "optimizer steps; 0: run --epochs")
     epochs: float = _f(1.0, "passes over the training data, used when --max-steps is 0")
@@ -111,7 +114,7 @@ class TrainConfig:
     config: str = _f("", "JSON file of these same keys; flags given on the command line win")
 
 
-DEMO = dict(batch_size=8, grad_accum=1, max_steps=24, lr=2e-3, warmup_steps=3, r=16, alpha=32,
+DEMO = dict(batch_size=8, padding_free=True, grad_accum=1, max_steps=24, lr=2e-3, warmup_steps=3, r=16, alpha=32,
             max_seq_len=256, eval_every=0, gradient_checkpointing=False, output_dir="runs/demo")
 
 
@@ -331,7 +334,7 @@ def train_step(model, batches: list[dict], autocast, scaler=None, n_total: int |
     loss_total = 0.0
     for b in batches:
         with autocast:
-            hidden = model.model(b["input_ids"])
+            hidden = hidden_states(model, b)
             loss_sum, _ = causal_lm_loss(hidden, model.lm_head.weight, b["labels"])
         loss = loss_sum / max(n_total, 1)
         (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -347,16 +350,26 @@ def make_scaler(dtype: torch.dtype, device: torch.device) -> torch.amp.GradScale
 
 
 @torch.no_grad()
-def evaluate(model, examples, batch_size, pad_id, device, autocast) -> float:
+def make_batch(examples, pad_id: int, device, padding_free: bool = False) -> dict:
+    """One micro-batch on `device`: padded to its longest example, or end to end in one row (packing.py)."""
+    b = packing.collate(examples) if padding_free else D.collate(examples, pad_id)
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
+
+
+def hidden_states(model, b: dict) -> torch.Tensor:
+    """The decoder's output for a batch; a padding-free one brings its own positions and example bounds."""
+    return model.model(b["input_ids"], b.get("positions"), b.get("documents"))
+
+
+def evaluate(model, examples, batch_size, pad_id, device, autocast, padding_free=False) -> float:
     """Mean token loss over the eval examples."""
     was_training = model.training
     model.eval()
     loss, n = 0.0, 0
     for i in range(0, len(examples), batch_size):
-        b = D.collate(examples[i: i + batch_size], pad_id)
+        b = make_batch(examples[i: i + batch_size], pad_id, device, padding_free)
         with autocast:
-            h = model.model(b["input_ids"].to(device))
-            s, c = causal_lm_loss(h, model.lm_head.weight, b["labels"].to(device))
+            s, c = causal_lm_loss(hidden_states(model, b), model.lm_head.weight, b["labels"])
         loss, n = loss + s.item(), n + c
     model.train(was_training)
     return loss / max(n, 1)
@@ -663,7 +676,8 @@ def run(cfg: TrainConfig) -> dict:
     rng_next = None
     try:
         if step == 0 and evals:
-            report["eval_loss_before"] = evaluate(model, evals, cfg.batch_size, pad_id, device, autocast)
+            report["eval_loss_before"] = evaluate(model, evals, cfg.batch_size, pad_id, device, autocast,
+                                                  cfg.padding_free)
             log({"step": 0, "split": "eval", "loss": report["eval_loss_before"],
                  "perplexity": math.exp(min(report["eval_loss_before"], 50))})
             print(f"eval loss before: {report['eval_loss_before']:.4f}")
@@ -677,7 +691,7 @@ def run(cfg: TrainConfig) -> dict:
             # The step's micro-batches at batch_size x world, the same on every rank; each rank takes its slice.
             mbs = rank_slice(micro_batches(train, order, offset, cfg.grad_accum, cfg.batch_size * world),
                              dp.rank(), world)
-            batches = [{k: v.to(device) for k, v in D.collate(mb, pad_id).items()} for mb in mbs]
+            batches = [make_batch(mb, pad_id, device, cfg.padding_free) for mb in mbs]
             lr = lr_at(step, cfg, total_steps)
             for g in optimizer.param_groups:
                 g["lr"] = lr
@@ -736,7 +750,7 @@ def run(cfg: TrainConfig) -> dict:
                         + f". Look at the data of these steps; or lower --lr (now {cfg.lr:g}) and start over with "
                           "--overwrite, or go on from here with --resume.")
             if cfg.eval_every and step % cfg.eval_every == 0 and evals and step < total_steps:
-                ev = evaluate(model, evals, cfg.batch_size, pad_id, device, autocast)
+                ev = evaluate(model, evals, cfg.batch_size, pad_id, device, autocast, cfg.padding_free)
                 log({"step": step, "split": "eval", "loss": ev, "perplexity": math.exp(min(ev, 50))})
             if cfg.save_every and step % cfg.save_every == 0:
                 checkpoint()
@@ -763,7 +777,8 @@ def run(cfg: TrainConfig) -> dict:
     checkpoint()  # the state after the last step, before the eval below (a resume need not redo it)
 
     if evals:
-        report["eval_loss_after"] = evaluate(model, evals, cfg.batch_size, pad_id, device, autocast)
+        report["eval_loss_after"] = evaluate(model, evals, cfg.batch_size, pad_id, device, autocast,
+                                             cfg.padding_free)
         log({"step": step, "split": "eval", "loss": report["eval_loss_after"],
              "perplexity": math.exp(min(report["eval_loss_after"], 50))})
     if demo_eval is not None:  # every rank generates: under --fsdp each forward needs all of them
