@@ -141,3 +141,40 @@ def test_pickle_checkpoint_is_refused(tmp_path):
     (tmp_path / "m/model.safetensors").rename(tmp_path / "m/pytorch_model.bin")
     with pytest.raises(FileNotFoundError, match="pytorch_model.bin.*pickle"):
         load_model(tmp_path / "m")
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_mlp_in_pieces_equals_whole_sequence(tmp_path, monkeypatch, recompute):
+    """The long-sequence MLP (pieces of MLP_CHUNK_TOKENS tokens, each checkpointed) against the plain one:
+    the same loss and LoRA gradients, with and without per-layer recompute around it."""
+    from minilora import model as M
+    from minilora.lora import apply_lora
+    from minilora.loss import causal_lm_loss
+
+    tiny_hf_model(tmp_path / "m", "qwen2", num_hidden_layers=2)
+
+    def run(chunk):
+        monkeypatch.setattr(M, "MLP_CHUNK_TOKENS", chunk)
+        torch.manual_seed(0)
+        model = load_model(tmp_path / "m", quantize="nf4", progress=False)
+        apply_lora(model, r=4, alpha=8)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.05)
+        model.model.gradient_checkpointing = recompute
+        model.train()
+        ids = torch.randint(3, 128, (2, 21), generator=torch.Generator().manual_seed(1))
+        s, _ = causal_lm_loss(model.model(ids), model.lm_head.weight, ids)
+        s.backward()
+        return s.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    pieces = []
+    real = M.MLP.swiglu_in_pieces
+    monkeypatch.setattr(M.MLP, "swiglu_in_pieces", lambda self, x, piece: pieces.append(piece) or real(self, x, piece))
+    whole = run(10**9)
+    assert pieces == []
+    chunked = run(8)  # 2 x 21 tokens in pieces of 4 positions: 6 pieces, the last one short
+    assert pieces and set(pieces) == {4}
+    assert abs(whole[0] - chunked[0]) < 1e-5 * abs(whole[0])
+    for k in whole[1]:
+        torch.testing.assert_close(chunked[1][k], whole[1][k], atol=1e-6, rtol=1e-5)
