@@ -1,7 +1,7 @@
 """The three QLoRA stacks under test, each reduced to the same two things:
 
     run = load(stack, folder, settings)   # checkpoint folder -> NF4 base + LoRA + optimizer
-    loss = run.step(input_ids)            # forward, backward, clip 1.0, AdamW8bit step
+    loss = run.step(input_ids, lengths)   # forward, backward, clip 1.0, AdamW8bit step
 
 Everything a reader would want held equal is held equal here:
 - the weights: one checkpoint folder (bench/shapes.py), loaded by each stack's own loader;
@@ -9,7 +9,9 @@ Everything a reader would want held equal is held equal here:
 - LoRA r/alpha on q,k,v,o,gate,up,down, no dropout, no bias, fp32 factors, B = 0 at the start;
 - the optimizer: minilora.train.make_optimizer (bitsandbytes AdamW8bit, lr 2e-4, weight decay 0.01),
   the same function for every stack, then clip_grad_norm_(1.0);
-- the loss: mean token cross-entropy with labels = input_ids (every token labelled).
+- the loss: mean token cross-entropy with labels = input_ids (every token labelled); with
+  `lengths` (train_speed.py --lengths), rows are right-padded and pad positions are unlabelled
+  and masked out of attention, as a padded SFT batch is.
 
 What differs is each stack's own model code, kernels, gradient checkpointing and loss.
 Each loader imports its own stack when called: `import unsloth` must run before
@@ -23,10 +25,12 @@ from typing import Callable
 
 import torch
 
-STACKS = ("minilora", "minilora-fast", "minilora-lean", "peft", "unsloth")
+STACKS = ("minilora", "minilora-fast", "minilora-lean", "minilora-padfree", "peft", "unsloth")
 # minilora's memory modes (train.py flags): default = --gradient-checkpointing; fast = --no-gradient-checkpointing
-# (keep every activation, no recompute); lean = --offload (layer inputs and embedding table in host memory).
-MINILORA_MODES = {"minilora": {}, "minilora-fast": {"gradient_checkpointing": False}, "minilora-lean": {"offload": True}}
+# (keep every activation, no recompute); lean = --offload (layer inputs and embedding table in host memory);
+# padfree = --padding-free (a batch's rows end to end, no pad tokens; the same as minilora on full rows).
+MINILORA_MODES = {"minilora": {}, "minilora-fast": {"gradient_checkpointing": False}, "minilora-lean": {"offload": True},
+                  "minilora-padfree": {"padding_free": True}}
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # minilora's ALL_TARGETS
 
 
@@ -56,12 +60,12 @@ class Run:
     model: torch.nn.Module
     params: list
     optimizer: torch.optim.Optimizer
-    loss_backward: Callable[[torch.Tensor], float]  # forward + backward of one batch, returns the mean loss
+    loss_backward: Callable  # (input_ids, lengths) -> forward + backward of one batch, returns the mean loss
     quant: str = "nf4-dq"
 
-    def step(self, input_ids: torch.Tensor) -> float:
-        """One optimizer step on `input_ids` (B, T), every token labelled."""
-        loss = self.loss_backward(input_ids)
+    def step(self, input_ids: torch.Tensor, lengths: list[int] | None = None) -> float:
+        """One optimizer step on `input_ids` (B, T): every token labelled, or row i's first lengths[i] only."""
+        loss = self.loss_backward(input_ids, lengths)
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -82,29 +86,46 @@ def load_minilora(folder, s: Settings, mode: str = "minilora") -> Run:
     """load_model (NF4 as tensors arrive), apply_lora, setup_for_training (recompute, compiled layers)
     and train_step: the code `python -m minilora.train` runs."""
     from minilora.checkpoint import load_model
+    from minilora.data import Example
     from minilora.lora import apply_lora
-    from minilora.train import setup_for_training, train_step
+    from minilora.train import make_batch, setup_for_training, train_step
 
     model = load_model(folder, device=s.device, dtype=s.dtype, quantize="nf4", double_quant=True, progress=False)
     torch.manual_seed(s.seed)
     apply_lora(model, r=s.rank, alpha=s.alpha, dropout=0.0, targets=TARGETS)
     opts = {"gradient_checkpointing": s.checkpointing, **MINILORA_MODES[mode]}
+    padding_free = opts.pop("padding_free", False)
     setup_for_training(model, compile=s.compile, device=s.device, **opts)
     autocast = s.autocast()
 
-    def loss_backward(ids):
-        loss, _ = train_step(model, [{"input_ids": ids, "labels": ids}], autocast)
+    def loss_backward(ids, lengths=None):
+        if padding_free and lengths:
+            rows = [row[:n].tolist() for row, n in zip(ids, lengths)]
+            batch = make_batch([Example(r, r) for r in rows], 0, ids.device, padding_free=True)
+        else:
+            batch = {"input_ids": ids, "labels": padded_labels(ids, lengths)}
+        loss, _ = train_step(model, [batch], autocast)
         return loss
 
     return _finish(model, s, loss_backward)
 
 
+def padded_labels(ids: torch.Tensor, lengths) -> torch.Tensor:
+    """labels = input_ids, with -100 (every stack's "ignore") past each row's length."""
+    if not lengths:
+        return ids
+    pad = torch.arange(ids.shape[1], device=ids.device)[None, :] >= torch.tensor(lengths, device=ids.device)[:, None]
+    return ids.masked_fill(pad, -100)
+
+
 def _hf_loss_backward(model, s: Settings):
     autocast = s.autocast()
 
-    def loss_backward(ids):
+    def loss_backward(ids, lengths=None):
+        labels = padded_labels(ids, lengths)
+        mask = None if not lengths else (labels != -100).long()  # right padding: pads are never attended to
         with autocast:
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss  # mean over B*(T-1) shifted tokens
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss  # mean over labels
         loss.backward()
         return loss.item()
 

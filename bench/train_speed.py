@@ -91,6 +91,9 @@ def parse_args(argv=None):
     p.add_argument("--stacks", default="minilora,peft,unsloth", help="comma list of minilora, peft, unsloth")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--lengths", default="", metavar="MIN:MAX",
+                   help="rows of random lengths in [MIN, MAX] (<= --seq), right-padded, as SFT batches are; "
+                        "tokens/s then counts real tokens only. Default: every row --seq tokens, no padding")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--steps", type=int, default=10, help="timed steps")
@@ -120,6 +123,15 @@ def parse_args(argv=None):
         p.error("--device cuda: no CUDA GPU is visible; use --device cpu (with --shape tiny) for the CPU mode")
     if min(a.steps, a.batch, a.seq, a.rank) < 1 or a.warmup < 0:
         p.error("--steps, --batch, --seq and --rank must be >= 1, and --warmup >= 0")
+    a.length_range = None
+    if a.lengths:
+        try:
+            lo, hi = (int(x) for x in a.lengths.split(":"))
+        except ValueError:
+            p.error(f"--lengths: expected MIN:MAX, two integers, got {a.lengths!r}")
+        if not 2 <= lo <= hi <= a.seq:
+            p.error(f"--lengths {a.lengths}: need 2 <= MIN <= MAX <= --seq ({a.seq})")
+        a.length_range = (lo, hi)
     return a
 
 
@@ -130,12 +142,18 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def batches(shape: str, a) -> torch.Tensor:
-    """(warmup + steps, batch, seq) random token ids from a fixed seed: the same for every stack.
-    Random, not zeros, so kernels see realistic data; the labels are the ids themselves."""
+def batches(shape: str, a) -> list[tuple[torch.Tensor, list[int] | None]]:
+    """warmup + steps batches of random token ids from a fixed seed: the same for every stack.
+    Random, not zeros, so kernels see realistic data; the labels are the ids themselves.
+    Each is (ids (batch, seq), None) or, with --lengths, (ids cut to the batch's longest row, row lengths)."""
     vocab = shapes.model_config(shape).vocab_size
     gen = torch.Generator().manual_seed(a.seed + 1)
-    return torch.randint(0, vocab, (a.warmup + a.steps, a.batch, a.seq), generator=gen)
+    ids = torch.randint(0, vocab, (a.warmup + a.steps, a.batch, a.seq), generator=gen)
+    if not a.length_range:
+        return [(x, None) for x in ids]
+    lo, hi = a.length_range
+    lengths = torch.randint(lo, hi + 1, (a.warmup + a.steps, a.batch), generator=gen).tolist()
+    return [(x[:, :max(n)], n) for x, n in zip(ids, lengths)]
 
 
 def measure(stack: str, folder, shape: str, a) -> dict:
@@ -144,7 +162,7 @@ def measure(stack: str, folder, shape: str, a) -> dict:
     cuda = device.type == "cuda"
     s = stacks.Settings(rank=a.rank, alpha=a.alpha, checkpointing=a.checkpointing == "on", compile=a.compile,
                         max_seq=a.seq, device=a.device, seed=a.seed)
-    data = batches(shape, a).to(device)
+    data = [(ids.to(device), lengths) for ids, lengths in batches(shape, a)]
     stacks.import_stack(stack)
     gib = 2**30
     sync(device)
@@ -160,16 +178,19 @@ def measure(stack: str, folder, shape: str, a) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
-    for i, ids in enumerate(data):
+    for i, (ids, lengths) in enumerate(data):
         sync(device)
         t = time.perf_counter()
-        losses.append(run.step(ids))
+        losses.append(run.step(ids, lengths))
         sync(device)
         times.append(time.perf_counter() - t)
         kind = "warm-up" if i < a.warmup else "timed"
         print(f"[{stack}] step {i + 1}/{len(data)} ({kind}): loss {losses[-1]:.4f}, {times[-1]:.3f}s", flush=True)
     median = statistics.median(times[a.warmup:])
-    out = dict(tokens_per_s=a.batch * a.seq / median, step_time_s_median=median, step_times_s=times, losses=losses,
+    tokens_per_s = a.batch * a.seq / median
+    if a.length_range:  # steps differ in size: real tokens over time, summed over the timed steps
+        tokens_per_s = sum(sum(n) for _, n in data[a.warmup:]) / sum(times[a.warmup:])
+    out = dict(tokens_per_s=tokens_per_s, step_time_s_median=median, step_times_s=times, losses=losses,
                loss_first=losses[0], loss_last=losses[-1], load_time_s=load_time, load_peak_gib=load_peak,
                peak_allocated_gib=torch.cuda.max_memory_allocated() / gib if cuda else None,
                peak_reserved_gib=torch.cuda.max_memory_reserved() / gib if cuda else None,
@@ -208,7 +229,8 @@ def run_in_process(stack: str, folder, shape: str, a) -> dict:
 def run_isolated(stack: str, folder, shape: str, a) -> dict:
     """The same `measure`, in a fresh child process of this script; its figures come back as a JSON file."""
     row_file = Path(folder).parent / f"{shape}-{stack}.json"
-    flags = ["--shape", shape, "--stacks", stack, "--batch", a.batch, "--seq", a.seq, "--rank", a.rank,
+    flags = ["--shape", shape, "--stacks", stack, "--batch", a.batch, "--seq", a.seq, "--lengths", a.lengths,
+             "--rank", a.rank,
              "--alpha", a.alpha, "--steps", a.steps, "--warmup", a.warmup, "--checkpointing", a.checkpointing,
              "--compile", a.compile, "--device", a.device, "--seed", a.seed,
              "--worker", stack, "--folder", folder, "--row-out", row_file]
@@ -339,10 +361,11 @@ def main(argv=None):
                 figures = {"error": why} if why else (run_isolated if a.isolate == "on" else run_in_process)(
                     stack, folder, shape, a)
                 row = {"stack": stack, "shape": shape, "run_id": run_id, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                       "batch": a.batch, "seq": a.seq, "rank": a.rank, "alpha": a.alpha,
+                       "batch": a.batch, "seq": a.seq, "lengths": a.lengths or None, "rank": a.rank, "alpha": a.alpha,
                        "checkpointing": a.checkpointing, "compile": a.compile if stack.startswith("minilora") else None,
                        "steps": a.steps, "warmup": a.warmup, "seed": a.seed,
-                       "labels": "all tokens (labels = input_ids)", "isolated": a.isolate == "on",
+                       "labels": "all real tokens (labels = input_ids, pads unlabelled)",
+                       "isolated": a.isolate == "on",
                        **{k: None for k in FIGURES}, **figures}
                 fpt = stacks.flops_per_token(cfg, a.seq, a.checkpointing == "on" and stack != "minilora-fast")
                 row["flops_per_token"] = fpt

@@ -149,3 +149,19 @@ def test_scaling_rows_and_fsdp_agrees_with_data_parallel(tmp_path):
     assert abs(one["losses"][0] - math.log(512)) < 0.5  # a random 512-token model starts near ln(512)
     for a, b in zip(two["losses"], fsdp["losses"]):
         assert abs(a - b) < 1e-5, (two["losses"], fsdp["losses"])
+
+
+def test_variable_lengths_padded_and_padding_free_agree(tmp_path):
+    """--lengths: right-padded rows of random lengths. minilora padded, minilora --padding-free and peft (with
+    its attention mask) compute the same first loss on them; tokens/s counts the real tokens only."""
+    out = tmp_path / "var.jsonl"
+    r = subprocess.run([sys.executable, "bench/train_speed.py", "--shape", "tiny", "--device", "cpu", "--stacks",
+                        "minilora,minilora-padfree,peft", "--steps", "2", "--warmup", "1", "--seq", "96",
+                        "--lengths", "8:96", "--out", str(out), "--tmp", str(tmp_path)],
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    rows = _rows(out)
+    assert [x["stack"] for x in rows] == ["minilora", "minilora-padfree", "peft"]
+    for x in rows:
+        assert not x.get("error"), x["error"]
+        assert x["lengths"] == "8:96" and x["loss_rel_diff"] < 1e-5, (x["stack"], x["loss_rel_diff"])
