@@ -28,6 +28,7 @@ import hashlib
 import os
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -140,8 +141,9 @@ def shard_root(model: nn.Module, device_mesh):
 def data_hash(examples) -> str:
     """A fingerprint of the tokenized training examples: the same file read the same way gives the same one."""
     h = hashlib.sha256()
-    for e in examples:
-        h.update(repr((e.input_ids, e.labels)).encode())
+    for e in examples:  # as int32 bytes: ~100x faster than hashing the lists' text on a large data set
+        h.update(len(e.input_ids).to_bytes(8, "little") + np.asarray(e.input_ids, dtype=np.int32).tobytes())
+        h.update(np.asarray(e.labels, dtype=np.int32).tobytes())
     return h.hexdigest()[:16]
 
 
