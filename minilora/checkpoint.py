@@ -38,6 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .atomic import atomic_dir
+from .gguf_io import shard_files
 from .lora import LoRALinear, apply_lora, lora_state_dict
 from .model import CausalLM, ModelConfig, rope_inv_freq
 from .quant import NF4Linear
@@ -83,17 +84,11 @@ def load_config(folder: Path) -> ModelConfig:
 
 
 def safetensors_files(folder: Path) -> list[Path]:
-    """The shards named by model.safetensors.index.json, or the single model.safetensors."""
+    """The shards named by model.safetensors.index.json, or the single model.safetensors, or any *.safetensors."""
     folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [folder / f for f in sorted(set(weight_map.values()))]
-    if (folder / "model.safetensors").is_file():
-        return [folder / "model.safetensors"]
-    found = sorted(folder.glob("*.safetensors"))
-    if found:
-        return found
+    files = shard_files(folder, "model.safetensors") or sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
     pickles = sorted(p.name for p in folder.glob("*.bin"))
     hint = (f" It has {', '.join(pickles)}: pickle files can run code when loaded, so minilora reads only "
             "safetensors unless told the files are trusted (minilora.train --trust-pickle-files); or convert "
@@ -112,12 +107,10 @@ def unpickling_error(e: Exception) -> str:
 def pickle_files(folder: Path) -> list[Path]:
     """The shards named by pytorch_model.bin.index.json, or the single pytorch_model.bin."""
     folder = Path(folder)
-    index = folder / "pytorch_model.bin.index.json"
-    if index.is_file():
-        return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    if (folder / "pytorch_model.bin").is_file():
-        return [folder / "pytorch_model.bin"]
-    raise FileNotFoundError(f"{folder}: no safetensors, and no pytorch_model.bin or pytorch_model.bin.index.json.")
+    files = shard_files(folder, "pytorch_model.bin")
+    if not files:
+        raise FileNotFoundError(f"{folder}: no safetensors, and no pytorch_model.bin or pytorch_model.bin.index.json.")
+    return files
 
 
 def iter_pickle_tensors(files: list[Path]):

