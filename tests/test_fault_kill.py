@@ -25,6 +25,7 @@ import torch
 
 from minilora import train as T
 from minilora.atomic import clean_leftovers
+from minilora.resume import ResumeError, newest_checkpoint
 from test_train import run_train, tiny_run_args, train_losses
 
 BOOT = r"""
@@ -113,7 +114,7 @@ def test_sigkill_mid_step_then_resume_equals_uninterrupted(base, reference):
     p.communicate(timeout=600)
     assert p.returncode == -signal.SIGKILL
     newest = (KILL_STEP - 1) // 3 * 3
-    assert T.newest_checkpoint(out).name == f"step-{newest:06d}"
+    assert newest_checkpoint(out).name == f"step-{newest:06d}"
     logged = [x["step"] for x in rows(out) if x["split"] == "train"]
     assert logged[-1] == KILL_STEP - 1 > newest  # the killed run logged steps its checkpoint does not hold
 
@@ -133,7 +134,7 @@ def test_sigkill_during_a_save_keeps_the_previous_checkpoint(base, reference):
     tmp, complete = checkpoints(out)  # "." sorts first
     assert complete == "step-000002" and tmp.startswith(".step-000004.tmp-")
     assert (out / "checkpoints" / tmp / "trainer_state.pt").read_bytes().endswith(b"half-written")
-    assert T.newest_checkpoint(out).name == "step-000002"
+    assert newest_checkpoint(out).name == "step-000002"
 
     r = run_train(args + ["--resume"])
     assert r.returncode == 0, r.stderr
@@ -199,7 +200,7 @@ def test_resume_with_other_settings_is_refused_before_loading(base, monkeypatch,
         raise AssertionError("the model was loaded before the resume check")
 
     monkeypatch.setattr(T, "load_model", never)
-    with pytest.raises(T.UsageError) as e:
+    with pytest.raises(ResumeError) as e:
         T.run(T.parse_config(tiny_run_args(base, out, max_steps=1) + change + ["--resume"]))
     assert difference.format(model=model, other=other) in str(e.value)
     assert f"cannot resume from {out / 'checkpoints' / 'step-000001'}" in str(e.value)
@@ -213,13 +214,13 @@ def test_newest_checkpoint_takes_only_complete_folders(tmp_path):
             (ck / name / f).parent.mkdir(parents=True, exist_ok=True)
             (ck / name / f).write_bytes(b"x")
 
-    assert T.newest_checkpoint(tmp_path) is None
+    assert newest_checkpoint(tmp_path) is None
     make("step-999999")
     make("step-1000000")  # more digits than the padding: sorted as a number, not as text
     make(".step-1000001.tmp-abc")  # a save that never finished
     make("step-1000002", files=("adapter/adapter_model.safetensors",))  # no trainer_state.pt
     make("step-1000003-copy")
-    assert T.newest_checkpoint(tmp_path).name == "step-1000000"
+    assert newest_checkpoint(tmp_path).name == "step-1000000"
 
 
 def test_clean_leftovers_restores_a_folder_caught_between_renames(tmp_path):

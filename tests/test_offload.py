@@ -11,7 +11,7 @@ from minilora import data as D
 from minilora.checkpoint import load_model
 from minilora.lora import apply_lora
 from minilora.offload import HostEmbedding
-from minilora.train import setup_for_training, train_step
+from minilora.step import setup_for_training, train_step
 
 
 def grads(folder, offload: bool, steps=2):

@@ -16,7 +16,7 @@ from minilora import packing
 from minilora.checkpoint import load_model
 from minilora.lora import apply_lora
 from minilora.loss import causal_lm_loss
-from minilora.train import hidden_states, make_batch, setup_for_training
+from minilora.step import hidden_states, make_batch, setup_for_training
 from test_distributed import assert_same_run
 from test_train import run_train, tiny_run_args
 

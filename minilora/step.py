@@ -1,0 +1,155 @@
+"""One optimizer step, in parts: the learning-rate schedule, the optimizer, the micro-batches, forward
+and backward over them, and the eval loss. train.py's loop puts them together.
+
+The loss of a step is the mean over ALL its label tokens: with N the label tokens of every
+micro-batch of the step, each micro-batch runs backward(loss_sum / N). This is the
+gradient-accumulation fix the peers made in late 2024: dividing each micro-batch by its own
+token count and averaging the means weights a token in a short micro-batch more than one in
+a long one, so batch 8 x accum 1 and batch 2 x accum 4 would train differently. Dividing
+every micro-batch by the step's total N makes the accumulated gradient exactly the gradient
+of the mean over all N tokens (tests/test_train.py checks it).
+
+A `cfg` below is train.py's TrainConfig, of which only the fields named are read.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import data as D
+from . import packing
+from .loss import causal_lm_loss
+
+
+# ----------------------------------------------------------------------------- set-up
+
+def setup_for_training(model, *, gradient_checkpointing: bool, compile: str, device, offload: bool = False) -> None:
+    """Memory and speed switches, in one place: per-layer recompute, host offload, regional torch.compile.
+
+    Compiling each decoder layer (not the whole model) keeps compile time to one layer's
+    graph, reused 28-32 times; it fuses the elementwise work between the matmuls.
+    """
+    from .offload import HostEmbedding, HostOffloader
+
+    model.model.gradient_checkpointing = gradient_checkpointing or offload
+    if offload:
+        model.model.offloader = HostOffloader(device)
+        if not model.config.tie_word_embeddings:  # a tied table is also lm_head, which the GPU needs
+            model.model.embed_tokens = HostEmbedding(model.model.embed_tokens.weight, device)
+    if compile == "on" or (compile == "auto" and torch.device(device).type == "cuda"):
+        for layer in model.model.layers:
+            layer.compile()
+    model.train()
+
+
+def make_optimizer(params, cfg):
+    # LoRA A/B matrices get weight decay; 1-D tensors (biases, norms) would not, if any were trained.
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if cfg.optim == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
+    import bitsandbytes as bnb
+
+    cls = bnb.optim.PagedAdamW8bit if cfg.optim == "paged_adamw8bit" else bnb.optim.AdamW8bit
+    return cls(groups, lr=cfg.lr, betas=(0.9, 0.999))
+
+
+def make_scaler(dtype: torch.dtype, device: torch.device) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 only: fp16's smallest normal is 6e-5, so small gradients underflow;
+    bf16 and fp32 share fp32's exponent range and need none. A disabled scaler passes everything
+    through (scale() returns the loss, step() is optimizer.step(), unscale_/update do nothing)."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+# ----------------------------------------------------------------------------- schedule
+
+def lr_at(step: int, cfg, total_steps: int) -> float:
+    """Linear warmup over `warmup_steps`, then linear or cosine decay to 0 at `total_steps`.
+
+    `step` counts optimizer steps from 0. The curve is transformers' `get_*_schedule_with_warmup`
+    (so the first warmup step has lr 0, as there), which trl users already tune for.
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * step / cfg.warmup_steps
+    if cfg.scheduler == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    if cfg.scheduler == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr * (1 - progress)
+
+
+# ----------------------------------------------------------------------------- batches
+
+def micro_batches(examples, order, start: int, count: int, batch_size: int):
+    """`count` micro-batches of `batch_size` from position `start` of `order` (cyclic)."""
+    out = []
+    for b in range(count):
+        idx = [order[(start + b * batch_size + i) % len(order)] for i in range(batch_size)]
+        out.append([examples[i] for i in idx])
+    return out
+
+
+def rank_slice(mbs: list[list], rank: int, world: int) -> list[list]:
+    """This rank's part of each micro-batch: rank r takes the r-th of `world` equal pieces.
+
+    The step's micro-batches are drawn at batch_size x world, the same on every rank, so the
+    ranks' pieces together are exactly what one process with batch world x batch_size would take.
+    """
+    return [mb[rank * len(mb) // world: (rank + 1) * len(mb) // world] for mb in mbs]
+
+
+@torch.no_grad()
+def make_batch(examples, pad_id: int, device, padding_free: bool = False) -> dict:
+    """One micro-batch on `device`: padded to its longest example, or end to end in one row (packing.py)."""
+    b = packing.collate(examples) if padding_free else D.collate(examples, pad_id)
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
+
+
+def label_tokens(batches: list[dict]) -> int:
+    """Tokens that carry a loss: labels after the shift that are not IGNORE (prompt or padding)."""
+    return sum(int((b["labels"][:, 1:] != D.IGNORE).sum()) for b in batches)
+
+
+# ----------------------------------------------------------------------------- forward and backward
+
+def hidden_states(model, b: dict) -> torch.Tensor:
+    """The decoder's output for a batch; a padding-free one brings its own positions and example bounds."""
+    return model.model(b["input_ids"], b.get("positions"), b.get("documents"))
+
+
+def train_step(model, batches: list[dict], autocast, scaler=None, n_total: int | None = None) -> tuple[float, int]:
+    """Forward and backward over one optimizer step's micro-batches; returns (loss sum / N, N).
+
+    Every micro-batch's loss sum is divided by the SAME token count N of the whole step
+    (with several ranks, `n_total` is N over all of them: then the ranks' returned losses and
+    gradients sum to the global mean and its gradient).
+    With fp16, `scaler` multiplies the loss by its scale S before backward, so gradients
+    too small for fp16 do not flush to zero; they are S times too large until `scaler.unscale_`.
+    """
+    n_total = label_tokens(batches) if n_total is None else n_total
+    loss_total = 0.0
+    for b in batches:
+        with autocast:
+            hidden = hidden_states(model, b)
+            loss_sum, _ = causal_lm_loss(hidden, model.lm_head.weight, b["labels"])
+        loss = loss_sum / max(n_total, 1)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        loss_total += loss_sum.item()
+    return loss_total / max(n_total, 1), n_total
+
+
+def evaluate(model, examples, batch_size, pad_id, device, autocast, padding_free=False) -> float:
+    """Mean token loss over the eval examples."""
+    was_training = model.training
+    model.eval()
+    loss, n = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        b = make_batch(examples[i: i + batch_size], pad_id, device, padding_free)
+        with autocast:
+            s, c = causal_lm_loss(hidden_states(model, b), model.lm_head.weight, b["labels"])
+        loss, n = loss + s.item(), n + c
+    model.train(was_training)
+    return loss / max(n, 1)
