@@ -84,7 +84,8 @@ def worker(a):
     from minilora import distributed as dp
     from minilora.checkpoint import load_model
     from minilora.lora import apply_lora
-    from minilora.train import TrainConfig, make_optimizer, setup_for_training, train_step
+    from minilora.step import make_optimizer, setup_for_training, train_step
+    from minilora.train import TrainConfig
 
     device = dp.init(torch.device(a.device))
     rank, world = dp.rank(), dp.world()

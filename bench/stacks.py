@@ -73,7 +73,8 @@ class Run:
 
 
 def _finish(model, s: Settings, loss_backward) -> Run:
-    from minilora.train import TrainConfig, make_optimizer
+    from minilora.step import make_optimizer
+    from minilora.train import TrainConfig
 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -88,7 +89,7 @@ def load_minilora(folder, s: Settings, mode: str = "minilora") -> Run:
     from minilora.checkpoint import load_model
     from minilora.data import Example
     from minilora.lora import apply_lora
-    from minilora.train import make_batch, setup_for_training, train_step
+    from minilora.step import make_batch, setup_for_training, train_step
 
     model = load_model(folder, device=s.device, dtype=s.dtype, quantize="nf4", double_quant=True, progress=False)
     torch.manual_seed(s.seed)
