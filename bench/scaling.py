@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import shutil
 import statistics
 import subprocess
@@ -42,7 +41,7 @@ os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 import torch  # noqa: E402
 
 from bench import shapes, stacks  # noqa: E402
-from bench.train_speed import sync, versions  # noqa: E402
+from bench.train_speed import start_run, sync  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -170,10 +169,7 @@ def main(argv=None):
     if a.worker:
         return worker(a)
     device = torch.device(a.device)
-    run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
-    gpu = torch.cuda.get_device_name() if device.type == "cuda" else None
-    vers = versions()
-    print(f"run {run_id} on {gpu or 'cpu'}; {vers}", flush=True)
+    run_id, gpu, vers = start_run(device)
     work = Path(tempfile.mkdtemp(prefix="minilora-scaling-", dir=a.tmp))
     rows = []
     try:

@@ -332,15 +332,21 @@ def compare(rows: list[dict]):
                 "peak_reserved": ratio(r["peak_reserved_gib"], p["peak_reserved_gib"])}
 
 
+def start_run(device: torch.device) -> tuple[str, str | None, dict]:
+    """A new run id, the GPU's name and the package versions, printed: the head of every results row."""
+    run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else None
+    vers = versions()
+    print(f"run {run_id} on {gpu or 'cpu'}; {vers}", flush=True)
+    return run_id, gpu, vers
+
+
 def main(argv=None):
     a = parse_args(argv)
     if a.worker:
         return worker_main(a)
     device = torch.device(a.device)
-    run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
-    gpu = torch.cuda.get_device_name() if device.type == "cuda" else None
-    vers = versions()
-    print(f"run {run_id} on {gpu or 'cpu'}; {vers}", flush=True)
+    run_id, gpu, vers = start_run(device)
     tflops = matmul_tflops(device)
     print(f"matmul rate: {tflops:.1f} TFLOP/s", flush=True)
     out = Path(a.out)

@@ -8,15 +8,13 @@ mean over all label tokens is checked against torch in test_train.py.
 """
 import json
 import os
-import shutil
 import subprocess
 import sys
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_train import run_train, tiny_run_args, train_losses, write_jsonl
+from test_train import crash_after_checkpoint, run_train, tiny_run_args, train_losses, write_jsonl
 
 
 def run_torchrun(args, nproc=2):
@@ -73,13 +71,7 @@ def test_two_rank_resume_equals_uninterrupted(tmp_path):
     assert r.returncode == 0, r.stderr
     state = torch.load(part / "checkpoints" / "step-000003" / "trainer_state.pt", weights_only=True)
     assert state["world_size"] == 2
-    # simulate a crash right after step 3's checkpoint: drop everything written later
-    shutil.rmtree(part / "adapter")
-    for ck in (part / "checkpoints").glob("step-*"):
-        if ck.name != "step-000003":
-            shutil.rmtree(ck)
-    rows = [x for x in map(json.loads, (part / "metrics.jsonl").read_text().splitlines()) if x["step"] <= 3]
-    write_jsonl(part / "metrics.jsonl", rows)
+    crash_after_checkpoint(part, 3)
     r = run_train(args_for(tmp_path, part, 2, save_every=3) + ["--resume"])
     assert r.returncode == 2 and "written by 2 rank(s), this run has 1" in r.stderr, r.stderr
     r = run_torchrun(args_for(tmp_path, part, 2, save_every=3) + ["--resume"])

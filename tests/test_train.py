@@ -138,6 +138,18 @@ def train_losses(out):
             if r["split"] == "train"}
 
 
+def crash_after_checkpoint(out, step: int):
+    """Leave `out` as a run killed right after step `step`'s checkpoint: drop everything written later."""
+    import shutil
+
+    shutil.rmtree(out / "adapter")
+    for ck in (out / "checkpoints").glob("step-*"):
+        if ck.name != f"step-{step:06d}":
+            shutil.rmtree(ck)
+    rows = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["step"] <= step]
+    write_jsonl(out / "metrics.jsonl", rows)
+
+
 def test_resume_equals_uninterrupted(tmp_path):
     """Crash after the step-3 checkpoint, resume: steps 4-6 match the uninterrupted run (fp32, 1e-5)."""
     full = tmp_path / "full"
@@ -146,15 +158,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     part = tmp_path / "part"
     r = run_train(tiny_run_args(tmp_path, part, save_every=3))
     assert r.returncode == 0, r.stderr
-    # simulate a crash right after step 3's checkpoint: drop everything written later
-    import shutil
-
-    shutil.rmtree(part / "adapter")
-    for ck in (part / "checkpoints").glob("step-*"):
-        if ck.name != "step-000003":
-            shutil.rmtree(ck)
-    rows = [r for r in map(json.loads, (part / "metrics.jsonl").read_text().splitlines()) if r["step"] <= 3]
-    write_jsonl(part / "metrics.jsonl", rows)
+    crash_after_checkpoint(part, 3)
     r = run_train(tiny_run_args(tmp_path, part, save_every=3) + ["--resume"])
     assert r.returncode == 0, r.stderr
     assert "resumed from" in r.stdout
