@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # minilora from this checkout
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# The 2-GPU machines share their NVLink fabric: multicast stays off (NCCL's NVLS), whatever the caller's environment.
+# NVLink multicast (NCCL's NVLS) off unless the caller says otherwise: shared multi-GPU hosts ask for it.
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 

@@ -64,7 +64,11 @@ def init(device: torch.device) -> torch.device:
     if device.type == "cuda":
         device = torch.device("cuda", local_rank())
         torch.cuda.set_device(device)
-    timeout = timedelta(seconds=float(os.environ.get("MINILORA_DIST_TIMEOUT", 600)))
+    try:
+        timeout = timedelta(seconds=float(os.environ.get("MINILORA_DIST_TIMEOUT", 600)))
+    except ValueError:
+        raise ValueError(f"MINILORA_DIST_TIMEOUT={os.environ['MINILORA_DIST_TIMEOUT']!r}: expected a number of "
+                         "seconds, such as 600.") from None
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout,
                             device_id=device if device.type == "cuda" else None)
     return device
@@ -85,7 +89,9 @@ def all_reduce_sum(x: float | int) -> float | int:
     """The sum of a Python number over ranks (label tokens, loss), as the same type."""
     if not dist.is_initialized():
         return x
-    t = torch.tensor([x], dtype=torch.float64)
+    # NCCL reduces CUDA tensors only, gloo CPU ones
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([x], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return type(x)(t.item())
 
@@ -136,6 +142,11 @@ def shard_root(model: nn.Module, device_mesh):
 
     unsharded = {p for p in model.parameters() if not isinstance(p, DTensor)}
     fully_shard(model, mesh=device_mesh, ignored_params=unsharded)
+    # Each call of a sharded layer gathers its weights, so every rank must make the same calls; the
+    # long-sequence MLP's number of pieces depends on this rank's length, so it stays whole here.
+    for m in model.modules():
+        if hasattr(m, "in_pieces"):
+            m.in_pieces = False
 
 
 def data_hash(examples) -> str:

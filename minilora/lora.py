@@ -96,7 +96,8 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total), counting a 4-bit weight as its logical element count, as peft does."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    # uint8 parameters are packed 4-bit codes (a Parameter only under --fsdp, a buffer otherwise): counted below
+    total = sum(p.numel() for p in model.parameters() if p.dtype != torch.uint8)
     total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, NF4Linear))
     return trainable, total
 

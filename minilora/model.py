@@ -183,22 +183,24 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
-# Above this many tokens in one training forward, the MLP runs in pieces of this many tokens.
-MLP_CHUNK_TOKENS = 16384
+# Sequences longer than this run through the MLP in pieces of half as many positions.
+MLP_CHUNK_TOKENS = 32768
 
 
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)).
 
     Long sequences: the MLP's intermediates are the largest activations of a layer, four
-    (tokens, intermediate) tensors kept for backward; for the 8B model (intermediate 14336) at
-    350k tokens that is ~40 GB for ONE layer, even when the layer itself is recomputed. The MLP
-    acts on each token alone, so it can run over the sequence in pieces: each piece is
-    checkpointed (only its input is kept; its intermediates are rebuilt in backward, one piece
-    at a time), so at most one piece's intermediates (~2 GB at 16k tokens) exist at once. The
-    cost is one more forward of the MLP in backward, paid only above MLP_CHUNK_TOKENS tokens,
-    where attention's s^2 FLOPs dominate anyway. The result is the same function: tested
-    against the whole-sequence path in tests/test_model.py.
+    (tokens, intermediate) tensors; for the 8B model (intermediate 14336) at 350k tokens that is
+    ~40 GB for ONE layer, even when the layer itself is recomputed. The MLP acts on each token
+    alone, so it can run over the sequence in pieces. Without gradients (the forward of an
+    offloaded layer) a piece's intermediates are freed before the next; with gradients each
+    piece is checkpointed (only its input is kept, its intermediates are rebuilt in backward
+    one piece at a time). Either way at most one piece's intermediates (~1.9 GB at 16k
+    positions) exist at once. The cost, with gradients, is one more MLP forward in backward:
+    ~+11% step time at 43k tokens (where causal attention's FLOPs reach the MLP's, 8B) and
+    ~+3% at 350k. The result is the same function: tested against the whole-sequence path in
+    tests/test_model.py. `in_pieces` is turned off under FSDP (distributed.shard_root).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -207,18 +209,20 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(i, h, bias=cfg.mlp_bias)
+        self.in_pieces = True
 
     def swiglu(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
     def forward(self, x):
-        B, T, _ = x.shape
-        if B * T > MLP_CHUNK_TOKENS and torch.is_grad_enabled() and self.training:
-            return self.swiglu_in_pieces(x, max(1, MLP_CHUNK_TOKENS // B))
+        if self.in_pieces and x.shape[1] > MLP_CHUNK_TOKENS:
+            return self.swiglu_in_pieces(x, MLP_CHUNK_TOKENS // 2)
         return self.swiglu(x)
 
     @torch.compiler.disable  # long sequences only, where compute dwarfs the lost fusion
     def swiglu_in_pieces(self, x, piece: int):
+        if not torch.is_grad_enabled():
+            return torch.cat([self.swiglu(xi) for xi in x.split(piece, dim=1)], dim=1)
         return torch.cat([torch.utils.checkpoint.checkpoint(self.swiglu, xi, use_reentrant=False)
                           for xi in x.split(piece, dim=1)], dim=1)
 

@@ -101,7 +101,6 @@ def rank_slice(mbs: list[list], rank: int, world: int) -> list[list]:
     return [mb[rank * len(mb) // world: (rank + 1) * len(mb) // world] for mb in mbs]
 
 
-@torch.no_grad()
 def make_batch(examples, pad_id: int, device, padding_free: bool = False) -> dict:
     """One micro-batch on `device`: padded to its longest example, or end to end in one row (packing.py)."""
     b = packing.collate(examples) if padding_free else D.collate(examples, pad_id)
@@ -141,6 +140,7 @@ def train_step(model, batches: list[dict], autocast, scaler=None, n_total: int |
     return loss_total / max(n_total, 1), n_total
 
 
+@torch.no_grad()
 def evaluate(model, examples, batch_size, pad_id, device, autocast, padding_free=False) -> float:
     """Mean token loss over the eval examples."""
     was_training = model.training

@@ -183,7 +183,7 @@ def config_from_json(path: str) -> dict:
 
 
 # The names trl / transformers / peft users type, mapped to ours for the "did you mean" hint.
-PEER_FLAGS = {"--learning-rate": "--lr", "--lora-r": "--r", "--lora-alpha": "--alpha", "--lora-dropout": "--dropout",
+PEER_FLAGS = {"--learning-rate": "--lr",
               "--per-device-train-batch-size": "--batch-size", "--gradient-accumulation-steps": "--grad-accum",
               "--num-train-epochs": "--epochs", "--target-modules": "--targets", "--max-seq-length": "--max-seq-len",
               "--lr-scheduler-type": "--scheduler", "--use-rslora": "--rslora", "--load-in-4bit": "(the default)",
@@ -239,6 +239,11 @@ def validate(cfg: TrainConfig):
     need(not (cfg.resume and cfg.overwrite), "--resume and --overwrite contradict each other; pick one.")
     need(not cfg.fsdp or dp.world() > 1, "--fsdp shards the model across processes, but this is a single process. "
          "Launch with torchrun --nproc_per_node N -m minilora.train ... (N >= 2), or drop --fsdp.")
+    need(not cfg.fsdp or tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 7),
+         f"--fsdp needs torch >= 2.7 (FSDP2's fully_shard with ignored_params); this is torch {torch.__version__}.")
+    need(not (cfg.fsdp and not cfg.model and not cfg.data), "--fsdp is for a model too large for one GPU; the demo "
+         "(no --model, no --data) generates answers rank by rank, which sharded weights cannot serve. Give --model "
+         "and --data, or drop --fsdp.")
     need(not (cfg.fsdp and cfg.no_4bit), "--fsdp shards the 4-bit base weights; it does not work with --no-4bit.")
     need(not (cfg.fsdp and cfg.compile == "on"), "--fsdp and --compile on: per-layer compile cannot trace FSDP2's "
          "gather/free hooks inside each layer here; use --compile off (or auto, which is off under --fsdp).")
@@ -299,6 +304,9 @@ def set_up(cfg: TrainConfig) -> Run:
     else:
         from .demo import smollm2_folder
 
+        if dp.is_main():  # rank 0 converts the demo model into the shared cache; the others then read it
+            smollm2_folder()
+        dp.barrier()
         model_path = smollm2_folder()
     tok = Tokenizer(model_path)
     train, evals, _template, demo_eval = load_data(cfg, tok)  # all of it, before the model takes any memory
@@ -450,7 +458,7 @@ def train_loop(run: Run) -> Run:
             print(f"\ninterrupted after step {run.step}: nothing new to save"
                   + (f"; {run.last_ckpt} holds it" if run.step else ""))
             raise SystemExit(130)
-        ck = checkpoint(run)
+        ck = checkpoint(run, together=False)  # each rank was interrupted at its own point: no collectives now
         print(f"\ninterrupted after step {run.step}: " + (f"saved {ck}; continue with --resume" if ck else
                                                          f"the newest complete checkpoint is {run.last_ckpt}"))
         raise SystemExit(130)
@@ -463,7 +471,7 @@ def train_loop(run: Run) -> Run:
         run.optimizer.zero_grad(set_to_none=True)
         if run.device.type == "cuda":
             torch.cuda.empty_cache()
-        ck = checkpoint(run) if run.step > 0 else None
+        ck = checkpoint(run, together=False) if run.step > 0 else None  # the other ranks may be mid-step
         raise OutOfMemory(oom_advice(cfg, run.step, oom, longest, run.device, ck or run.last_ckpt))
     checkpoint(run)  # the state after the last step, before the eval in finish() (a resume need not redo it)
     return run
@@ -572,26 +580,30 @@ def log_eval(run: Run) -> float:
     return loss
 
 
-def checkpoint(run: Run) -> Path | None:
+def checkpoint(run: Run, together: bool = True) -> Path | None:
     """Save the state after `run.step`. A failed save (disk full, no permission) warns and training goes
-    on: atomic_dir leaves the previous checkpoints as they were, and one lost save beats a lost run."""
+    on: atomic_dir leaves the previous checkpoints as they were, and one lost save beats a lost run.
+
+    Rank 0 writes; the weights and optimizer state are the same on every rank. `together`: every rank
+    is here at the same step, and learns whether rank 0's save worked (so that all agree on the newest
+    checkpoint); False when a rank stops alone (Ctrl-C, out of memory), where a collective could hang.
+    """
     target = run.out / "checkpoints" / f"step-{run.step:06d}"
     if run.last_ckpt == target:  # already saved at this step (say, Ctrl-C right after a periodic save)
         return run.last_ckpt
-    if not dp.is_main():  # rank 0 writes; the weights and optimizer state are the same on every rank
-        dp.barrier()
-        run.last_ckpt = target
-        return run.last_ckpt
-    try:
-        run.last_ckpt = save_checkpoint(run.out, run.step, run.model, run.optimizer, run.cfg, run.acfg, run.position,
-                                        run.metrics_state, run.scaler, run.rng_next)
-        return run.last_ckpt
-    except SAVE_ERRORS as e:
-        print(f"\nWARNING: could not save checkpoint {target}: {why(e)}. The newest complete checkpoint is "
-              f"{run.last_ckpt or 'none yet'}; training goes on.", file=sys.stderr, flush=True)
-        return None
-    finally:
-        dp.barrier()
+    saved = None
+    if dp.is_main():
+        try:
+            saved = save_checkpoint(run.out, run.step, run.model, run.optimizer, run.cfg, run.acfg, run.position,
+                                    run.metrics_state, run.scaler, run.rng_next)
+        except SAVE_ERRORS as e:
+            print(f"\nWARNING: could not save checkpoint {target}: {why(e)}. The newest complete checkpoint is "
+                  f"{run.last_ckpt or 'none yet'}; training goes on.", file=sys.stderr, flush=True)
+    if together and dp.world() > 1:  # rank 0's outcome, to every rank (and a barrier)
+        saved = target if dp.all_reduce_sum(int(saved is not None)) else None
+    if saved:
+        run.last_ckpt = saved
+    return saved
 
 
 # ----------------------------------------------------------------------------- the finish

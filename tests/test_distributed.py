@@ -102,11 +102,13 @@ def test_fsdp_shards_the_4bit_base_and_trains_like_one_rank(tmp_path):
     on the same 4-bit model."""
     one, two = tmp_path / "one", tmp_path / "two"
     nf4 = lambda a: [x for x in a if x != "--no-4bit"]  # noqa: E731
-    r = run_train(nf4(args_for(tmp_path, one, 4)))
-    assert r.returncode == 0, r.stderr
-    r = run_torchrun(nf4(args_for(tmp_path, two, 2)) + ["--fsdp"])
-    assert r.returncode == 0, r.stderr
+    r1 = run_train(nf4(args_for(tmp_path, one, 4)))
+    assert r1.returncode == 0, r1.stderr
+    r2 = run_torchrun(nf4(args_for(tmp_path, two, 2)) + ["--fsdp"])
+    assert r2.returncode == 0, r2.stderr
     assert_same_run(one, two, [1, 2, 3, 4, 5, 6])
+    counts = [next(x for x in r.stdout.splitlines() if x.startswith("trainable params")) for r in (r1, r2)]
+    assert counts[0] == counts[1], counts  # the sharded codes are not counted as extra parameters
 
 
 def test_fsdp_on_one_process_is_refused(tmp_path):

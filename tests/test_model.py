@@ -143,10 +143,12 @@ def test_pickle_checkpoint_is_refused(tmp_path):
         load_model(tmp_path / "m")
 
 
-@pytest.mark.parametrize("recompute", [False, True])
-def test_mlp_in_pieces_equals_whole_sequence(tmp_path, monkeypatch, recompute):
-    """The long-sequence MLP (pieces of MLP_CHUNK_TOKENS tokens, each checkpointed) against the plain one:
-    the same loss and LoRA gradients, with and without per-layer recompute around it."""
+@pytest.mark.parametrize("mode", ["plain", "recompute", "offload"])
+def test_mlp_in_pieces_equals_whole_sequence(tmp_path, monkeypatch, mode):
+    """The long-sequence MLP (pieces of MLP_CHUNK_TOKENS / 2 positions; checkpointed ones when gradients are on,
+    plain ones in the no-gradient forward of an offloaded layer) against the whole-sequence MLP: the same loss
+    and LoRA gradients, without and with per-layer recompute around it, and in lean mode."""
+    from minilora.step import setup_for_training
     from minilora import model as M
     from minilora.lora import apply_lora
     from minilora.loss import causal_lm_loss
@@ -161,8 +163,8 @@ def test_mlp_in_pieces_equals_whole_sequence(tmp_path, monkeypatch, recompute):
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 torch.nn.init.normal_(p, std=0.05)
-        model.model.gradient_checkpointing = recompute
-        model.train()
+        setup_for_training(model, gradient_checkpointing=mode == "recompute", compile="off", device="cpu",
+                           offload=mode == "offload")
         ids = torch.randint(3, 128, (2, 21), generator=torch.Generator().manual_seed(1))
         s, _ = causal_lm_loss(model.model(ids), model.lm_head.weight, ids)
         s.backward()
@@ -173,7 +175,7 @@ def test_mlp_in_pieces_equals_whole_sequence(tmp_path, monkeypatch, recompute):
     monkeypatch.setattr(M.MLP, "swiglu_in_pieces", lambda self, x, piece: pieces.append(piece) or real(self, x, piece))
     whole = run(10**9)
     assert pieces == []
-    chunked = run(8)  # 2 x 21 tokens in pieces of 4 positions: 6 pieces, the last one short
+    chunked = run(8)  # 21 positions in pieces of 4: 6 pieces, the last one short
     assert pieces and set(pieces) == {4}
     assert abs(whole[0] - chunked[0]) < 1e-5 * abs(whole[0])
     for k in whole[1]:

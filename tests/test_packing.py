@@ -89,3 +89,18 @@ def test_padding_free_training_follows_the_padded_run(tmp_path):
     r = run_train(tiny_run_args(tmp_path, free, dropout=0.0) + ["--padding-free"])
     assert r.returncode == 0, r.stderr
     assert_same_run(padded, free, [1, 2, 3, 4, 5, 6])
+
+
+def test_evaluate_runs_without_autograd(tmp_path, monkeypatch):
+    """Eval keeps no graph: no activations held for a backward that never comes (and NF4 takes bnb's own path)."""
+    from minilora import step
+
+    tiny_hf_model(tmp_path / "m", "llama", num_hidden_layers=1)
+    model = model_for(tmp_path / "m")
+    modes, real = [], step.causal_lm_loss
+    monkeypatch.setattr(step, "causal_lm_loss", lambda *a: modes.append(torch.is_grad_enabled()) or real(*a))
+    for padding_free in (False, True):
+        loss = step.evaluate(model, examples(), 2, 0, "cpu", OFF, padding_free)
+        assert loss > 0
+    assert modes and not any(modes)
+    assert model.training  # evaluate puts the mode back
