@@ -75,7 +75,12 @@ def parse_args(argv=None):
     p.add_argument("--load-timeout", type=float, default=300, help="seconds a worker may take to load the model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/results/max_context.jsonl", help="JSON lines, appended")
+    p.add_argument("--at", default="", metavar="N,N,...",
+                   help="instead of the bisection: probe these lengths in this order, stopping at the first that "
+                        "does not fit (for lengths whose step takes minutes: short ones first)")
     p.add_argument("--tmp", default=tempfile.gettempdir(), help="where the random checkpoint is written")
+    p.add_argument("--checkpoint", default="", metavar="DIR",
+                   help="use this checkpoint folder of --shape, written there first if missing and kept afterwards")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     p.add_argument("--folder", default="", help=argparse.SUPPRESS)
     p.add_argument("--results", default="", help=argparse.SUPPRESS)
@@ -84,6 +89,14 @@ def parse_args(argv=None):
     bad = [s for s in a.stack_list if s not in stacks.STACKS]
     if bad:
         p.error(f"--stacks: unknown stack(s) {bad}; choose from {', '.join(stacks.STACKS)}")
+    try:
+        a.at_list = [int(x) for x in a.at.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--at: expected comma-separated token counts, got {a.at!r}")
+    if a.at_list:
+        if min(a.at_list) < 1:
+            p.error(f"--at: lengths must be >= 1, got {a.at}")
+        a.lo, a.hi = min(a.at_list), max(a.at_list)
     if not 0 < a.lo <= a.hi or a.step < 1:
         p.error(f"need 0 < --lo <= --hi and --step >= 1 (got lo={a.lo}, hi={a.hi}, step={a.step})")
     return a
@@ -108,6 +121,16 @@ def bisect_max(probe, lo: int, hi: int, step: int) -> int | None:
         else:
             bad = mid
     return good
+
+
+def ascend(probe, lengths: list[int]) -> int | None:
+    """The last of `lengths`, taken in order, before the first that does not fit; None if the first does not."""
+    best = None
+    for n in lengths:
+        if not probe(n):
+            break
+        best = n
+    return best
 
 
 # ----------------------------------------------------------------------------- the worker (child process)
@@ -258,25 +281,26 @@ def main(argv=None):
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        folder = work / a.shape
-        # a child writes the checkpoint, so this process never creates a CUDA context of its own
-        subprocess.run([sys.executable, str(ROOT / "bench" / "shapes.py"), "--write", str(folder), "--shape", a.shape,
-                        "--device", a.device, "--seed", str(a.seed)], check=True)
+        folder = Path(a.checkpoint) if a.checkpoint else work / a.shape
+        if not (folder / "config.json").is_file():
+            # a child writes the checkpoint, so this process never creates a CUDA context of its own
+            subprocess.run([sys.executable, str(ROOT / "bench" / "shapes.py"), "--write", str(folder), "--shape",
+                            a.shape, "--device", a.device, "--seed", str(a.seed)], check=True)
         for stack in a.stack_list:
             t = time.perf_counter()
             prober, best, error = Prober(stack, folder, a, work), None, None
             try:
                 error = unavailable(stack, a.device)
                 if not error:
-                    best = bisect_max(prober, a.lo, a.hi, a.step)
+                    best = ascend(prober, a.at_list) if a.at_list else bisect_max(prober, a.lo, a.hi, a.step)
             except Exception as e:
                 error = error_text(e)
             finally:
                 prober.close()
             non_oom = [p["error"] for p in prober.log if not p["ok"] and not p.get("oom")]
             row = {"stack": stack, "shape": a.shape, "max_seq": best, "capped": best == a.hi, "batch": 1,
-                   "lo": a.lo, "hi": a.hi, "step": a.step, "rank": a.rank, "alpha": a.alpha,
-                   "checkpointing": a.checkpointing, "compile": a.compile if stack == "minilora" else None,
+                   "lo": a.lo, "hi": a.hi, "step": a.step, "at": a.at_list or None, "rank": a.rank, "alpha": a.alpha,
+                   "checkpointing": a.checkpointing, "compile": a.compile if stack.startswith("minilora") else None,
                    "gpu_mem_gib": a.gpu_mem_gib or None, "run_id": run_id,
                    "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(time.perf_counter() - t, 1),
                    "device": a.device, "gpu": prober.gpu, "versions": vers, "worker_starts": prober.starts,

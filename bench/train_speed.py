@@ -107,6 +107,9 @@ def parse_args(argv=None):
     p.add_argument("--isolate", choices=("on", "off"), default="on", help="each stack in a fresh child process")
     p.add_argument("--stack-timeout", type=float, default=400, help="seconds before a child stack is killed")
     p.add_argument("--tmp", default=tempfile.gettempdir(), help="where the random checkpoints are written")
+    p.add_argument("--checkpoint", default="", metavar="DIR",
+                   help="one --shape only: train on this checkpoint folder, written there first if missing and kept "
+                        "afterwards (so several runs share one random checkpoint; a real model of the shape works too)")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # internal: run one stack, write its figures
     p.add_argument("--folder", default="", help=argparse.SUPPRESS)
     p.add_argument("--row-out", default="", help=argparse.SUPPRESS)
@@ -119,6 +122,8 @@ def parse_args(argv=None):
     for s in a.stack_list:
         if s not in stacks.STACKS:
             p.error(f"--stacks: unknown stack {s!r}; choose from {', '.join(stacks.STACKS)}")
+    if a.checkpoint and len(a.shapes) != 1:
+        p.error(f"--checkpoint {a.checkpoint}: give exactly one --shape (the folder's), not {a.shape!r}")
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU is visible; use --device cpu (with --shape tiny) for the CPU mode")
     if min(a.steps, a.batch, a.seq, a.rank) < 1 or a.warmup < 0:
@@ -341,6 +346,19 @@ def start_run(device: torch.device) -> tuple[str, str | None, dict]:
     return run_id, gpu, vers
 
 
+def checkpoint_folder(shape: str, a, work: Path, device) -> Path:
+    """--checkpoint's folder (written there first if missing), or a fresh random one under `work`."""
+    folder = Path(a.checkpoint) if a.checkpoint else work / shape
+    if a.checkpoint and (folder / "config.json").is_file():
+        print(f"{shape}: using the checkpoint in {folder}", flush=True)
+        return folder
+    t = time.perf_counter()
+    shapes.write_checkpoint(folder, shape, device=device, seed=a.seed)
+    free_memory()
+    print(f"{shape}: random checkpoint written to {folder} in {time.perf_counter() - t:.1f}s", flush=True)
+    return folder
+
+
 def main(argv=None):
     a = parse_args(argv)
     if a.worker:
@@ -356,10 +374,7 @@ def main(argv=None):
     try:
         for shape in a.shapes:
             cfg = shapes.model_config(shape)
-            t = time.perf_counter()
-            folder = shapes.write_checkpoint(work / shape, shape, device=device, seed=a.seed)
-            free_memory()
-            print(f"{shape}: random checkpoint written in {time.perf_counter() - t:.1f}s", flush=True)
+            folder = checkpoint_folder(shape, a, work, device)
             rows = []
             for stack in a.stack_list:
                 print(f"--- {shape} / {stack} ({time.perf_counter() - started:.0f}s into the run)", flush=True)
@@ -382,7 +397,8 @@ def main(argv=None):
             with out.open("a") as f:
                 for r in rows:
                     f.write(json.dumps({k: r.get(k) for k in dict.fromkeys(REQUIRED + tuple(r))}) + "\n")
-            shutil.rmtree(folder, ignore_errors=True)
+            if not a.checkpoint:
+                shutil.rmtree(folder, ignore_errors=True)
             for r in rows:
                 if r.get("error"):
                     print(f"{shape:>10} {r['stack']:>9}: {r['error']}", flush=True)

@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT))  # bench/ is a folder of scripts beside the packag
 
 from bench import report  # noqa: E402
 from bench.max_context import bisect_max  # noqa: E402
+from bench.profile_step import busy_us  # noqa: E402
 from bench.train_speed import REQUIRED, compare  # noqa: E402
 
 
@@ -153,15 +154,56 @@ def test_scaling_rows_and_fsdp_agrees_with_data_parallel(tmp_path):
 
 def test_variable_lengths_padded_and_padding_free_agree(tmp_path):
     """--lengths: right-padded rows of random lengths. minilora padded, minilora --padding-free and peft (with
-    its attention mask) compute the same first loss on them; tokens/s counts the real tokens only."""
-    out = tmp_path / "var.jsonl"
+    its attention mask) compute the same first loss on them; tokens/s counts the real tokens only.
+    --checkpoint: the random checkpoint is written to the folder named, and kept."""
+    out, kept = tmp_path / "var.jsonl", tmp_path / "kept"
     r = subprocess.run([sys.executable, "bench/train_speed.py", "--shape", "tiny", "--device", "cpu", "--stacks",
                         "minilora,minilora-padfree,peft", "--steps", "2", "--warmup", "1", "--seq", "96",
-                        "--lengths", "8:96", "--out", str(out), "--tmp", str(tmp_path)],
+                        "--lengths", "8:96", "--out", str(out), "--tmp", str(tmp_path), "--checkpoint", str(kept)],
                        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert (kept / "config.json").is_file() and list(kept.glob("*.safetensors"))
     rows = _rows(out)
     assert [x["stack"] for x in rows] == ["minilora", "minilora-padfree", "peft"]
     for x in rows:
         assert not x.get("error"), x["error"]
         assert x["lengths"] == "8:96" and x["loss_rel_diff"] < 1e-5, (x["stack"], x["loss_rel_diff"])
+
+
+def test_max_context_at_probes_in_order_on_a_kept_checkpoint(tmp_path):
+    """--at probes the lengths given, in order (no bisection); --checkpoint reuses the folder and keeps it."""
+    from bench.shapes import write_checkpoint
+
+    kept = write_checkpoint(tmp_path / "kept", "tiny")
+    written = {f.name: f.stat().st_mtime_ns for f in kept.iterdir()}
+    out = tmp_path / "ctx.jsonl"
+    r = subprocess.run([sys.executable, "bench/max_context.py", "--shape", "tiny", "--device", "cpu", "--stacks",
+                        "minilora", "--at", "96,32,64", "--checkpoint", str(kept), "--out", str(out)],
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert {f.name: f.stat().st_mtime_ns for f in kept.iterdir()} == written  # used as it was, not rewritten
+    (row,) = _rows(out)
+    assert [p["seq"] for p in row["probes"]] == [96, 32, 64] and row["max_seq"] == 64 and row["at"] == [96, 32, 64]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_busy_us_is_the_union_of_intervals(seed):
+    """GPU busy time in profile_step.py: the union of kernel intervals, against counting a 1-us grid."""
+    import random
+
+    rng = random.Random(seed)
+    spans = [(rng.randrange(0, 500), rng.randrange(0, 60)) for _ in range(rng.randrange(1, 40))]
+    grid = set()
+    for start, dur in spans:
+        grid.update(range(start, start + dur))
+    assert busy_us(spans) == len(grid)
+
+
+def test_profile_step_cpu_writes_a_report(tmp_path):
+    report_file = tmp_path / "profile.txt"
+    r = subprocess.run([sys.executable, "bench/profile_step.py", "--shape", "tiny", "--device", "cpu", "--seq", "64",
+                        "--warmup", "1", "--steps", "1", "--rows", "5", "--out", str(report_file)],
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    text = report_file.read_text()
+    assert "wall per step" in text and "Top operators by host time" in text and "aten::mm" in text
