@@ -83,7 +83,7 @@ def worker(a):
     from minilora import distributed as dp
     from minilora.checkpoint import load_model
     from minilora.lora import apply_lora
-    from minilora.step import make_optimizer, setup_for_training, train_step
+    from minilora.step import flatten_for_optimizer, make_optimizer, setup_for_training, train_step
     from minilora.train import TrainConfig
 
     device = dp.init(torch.device(a.device))
@@ -100,7 +100,7 @@ def worker(a):
     setup_for_training(model, gradient_checkpointing=True, compile="off" if a.fsdp else "auto", device=device)
     if mesh:
         dp.shard_root(model.model, mesh)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = flatten_for_optimizer([p for p in model.parameters() if p.requires_grad])
     optimizer = make_optimizer(params, TrainConfig(lr=s.lr, optim="adamw8bit"))
     sync(device)
     load_time = time.perf_counter() - t

@@ -8,7 +8,8 @@ Everything a reader would want held equal is held equal here:
 - NF4 with double quantization, bf16 compute (fp32 on the CPU), lm_head and embeddings unquantized;
 - LoRA r/alpha on q,k,v,o,gate,up,down, no dropout, no bias, fp32 factors, B = 0 at the start;
 - the optimizer: minilora.train.make_optimizer (bitsandbytes AdamW8bit, lr 2e-4, weight decay 0.01),
-  the same function for every stack, then clip_grad_norm_(1.0);
+  the same function for every stack, then clip_grad_norm_(1.0); minilora hands it its factors as one
+  flat tensor, as its trainer does (step.flatten_for_optimizer: the same update, one launch);
 - the loss: mean token cross-entropy with labels = input_ids (every token labelled); with
   `lengths` (train_speed.py --lengths), rows are right-padded and pad positions are unlabelled
   and masked out of attention, as a padded SFT batch is.
@@ -74,11 +75,13 @@ class Run:
         return loss
 
 
-def _finish(model, s: Settings, loss_backward) -> Run:
-    from minilora.step import make_optimizer
+def _finish(model, s: Settings, loss_backward, flatten: bool = False) -> Run:
+    from minilora.step import flatten_for_optimizer, make_optimizer
     from minilora.train import TrainConfig
 
     params = [p for p in model.parameters() if p.requires_grad]
+    if flatten:  # minilora's trainer steps its factors as one tensor: the same update, one optimizer launch
+        params = flatten_for_optimizer(params)
     if not params:
         raise RuntimeError("no trainable parameters after applying LoRA")
     opt = make_optimizer(params, TrainConfig(lr=s.lr, optim="adamw8bit"))
@@ -115,7 +118,7 @@ def load_minilora(folder, s: Settings, mode: str = "minilora") -> Run:
         loss, _ = train_step(model, [batch], autocast)
         return loss
 
-    return _finish(model, s, loss_backward)
+    return _finish(model, s, loss_backward, flatten=True)
 
 
 def padded_labels(ids: torch.Tensor, lengths) -> torch.Tensor:

@@ -270,7 +270,7 @@ def adapter_config(model: nn.Module, base_model: str, *, r, alpha, dropout, rslo
 
 def save_adapter(model: nn.Module, folder, config: dict, overwrite: bool = True):
     """adapter_config.json + adapter_model.safetensors, written atomically."""
-    tensors = {PEFT_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
+    tensors = {PEFT_PREFIX + k: v.detach().to("cpu", copy=True) for k, v in lora_state_dict(model).items()}
     with atomic_dir(folder, overwrite=overwrite) as tmp:
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})

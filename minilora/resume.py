@@ -124,7 +124,13 @@ def restore(state: dict, ck: Path, model, optimizer, scaler):
     own = lora_state_dict(model)
     for k, v in load_file(ck / "adapter" / "adapter_model.safetensors").items():
         own[k.removeprefix("base_model.model.")].copy_(v)
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except ValueError as e:  # torch: "loaded state dict contains a parameter group that doesn't match the size..."
+        raise ResumeError(f"cannot resume from {ck}: its optimizer state does not fit this run's parameters ({e}). "
+                          "It was saved by a minilora that kept one optimizer entry per LoRA factor, before they "
+                          "were joined into one tensor (step.flatten_for_optimizer). Its adapter is still good: "
+                          "start a new run, or resume with the minilora that wrote it.") from None
     if state.get("scaler") and scaler.is_enabled():  # {} when saved without fp16
         scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])

@@ -48,7 +48,8 @@ from .lora import ALL_TARGETS, apply_lora, describe_trainable
 from .report import demo_report, oom_advice, plot_losses, print_demo_summary
 from .resume import (SAVE_ERRORS, find_resume, prepare_output, restore, rewind_metrics, rng_state, save_checkpoint,
                      why)
-from .step import (evaluate, label_tokens, lr_at, make_batch, make_optimizer, make_scaler, micro_batches, rank_slice,
+from .step import (evaluate, flatten_for_optimizer, label_tokens, lr_at, make_batch, make_optimizer, make_scaler,
+                   micro_batches, rank_slice,
                    setup_for_training, train_step)
 from .tokenizer import Tokenizer
 
@@ -261,7 +262,7 @@ class Run:
     tok: Tokenizer
     model: torch.nn.Module
     acfg: dict  # adapter_config.json, in PEFT's format
-    params: list  # what trains: the LoRA factors
+    params: list  # what the optimizer steps: the LoRA factors, most of them as one flat tensor (step.py)
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler  # fp16 only; disabled it passes everything through (step.py)
     autocast: torch.autocast
@@ -316,7 +317,7 @@ def set_up(cfg: TrainConfig) -> Run:
     model = build_model(cfg, model_path, device)
     acfg = adapter_config(model, cfg.model or str(model_path), r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
                           rslora=cfg.rslora)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = flatten_for_optimizer([p for p in model.parameters() if p.requires_grad])
     dtype = default_dtype(device)
     per_step = cfg.batch_size * cfg.grad_accum * dp.world()
     run = Run(cfg=cfg, out=out, device=device, tok=tok, model=model, acfg=acfg, params=params,

@@ -150,16 +150,19 @@ def crash_after_checkpoint(out, step: int):
     write_jsonl(out / "metrics.jsonl", rows)
 
 
-def test_resume_equals_uninterrupted(tmp_path):
-    """Crash after the step-3 checkpoint, resume: steps 4-6 match the uninterrupted run (fp32, 1e-5)."""
+@pytest.mark.parametrize("rank,optim", [(4, "adamw"), (64, "adamw8bit")])
+def test_resume_equals_uninterrupted(tmp_path, rank, optim):
+    """Crash after the step-3 checkpoint, resume: steps 4-6 match the uninterrupted run (fp32, 1e-5).
+    At r=64 most factors (64 x 64 and up) are joined into one flat tensor for the 8-bit optimizer."""
+    extra = {"r": rank, "optim": optim}
     full = tmp_path / "full"
-    r = run_train(tiny_run_args(tmp_path, full))
+    r = run_train(tiny_run_args(tmp_path, full, **extra))
     assert r.returncode == 0, r.stderr
     part = tmp_path / "part"
-    r = run_train(tiny_run_args(tmp_path, part, save_every=3))
+    r = run_train(tiny_run_args(tmp_path, part, save_every=3, **extra))
     assert r.returncode == 0, r.stderr
     crash_after_checkpoint(part, 3)
-    r = run_train(tiny_run_args(tmp_path, part, save_every=3) + ["--resume"])
+    r = run_train(tiny_run_args(tmp_path, part, save_every=3, **extra) + ["--resume"])
     assert r.returncode == 0, r.stderr
     assert "resumed from" in r.stdout
     a, b = train_losses(full), train_losses(part)
@@ -167,6 +170,35 @@ def test_resume_equals_uninterrupted(tmp_path):
     for s in a:
         assert abs(a[s] - b[s]) < 1e-5, (s, a[s], b[s])
     assert a[6] < a[1]  # and it learned something
+
+
+@pytest.mark.parametrize("optim", ["adamw8bit", "adamw"])
+def test_flat_optimizer_matches_one_entry_per_factor(optim):
+    """step.flatten_for_optimizer: factors joined into one tensor train bit for bit as bitsandbytes' (or torch's)
+    AdamW trains them one entry each, over 3 steps of 2 accumulated micro-batches. A factor under 4096
+    values stays apart (bitsandbytes keeps 32-bit state for it); the others become views of the flat tensor."""
+    from minilora.step import flatten_for_optimizer, make_optimizer
+
+    torch.manual_seed(0)
+    shapes = [(16, 512), (256, 16), (16, 256), (64, 16), (512, 16)]  # (64, 16): 1024 values, kept apart
+    ref = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    mine = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    params = flatten_for_optimizer(mine)
+    assert len(params) == 2 and params[0].numel() == 8192 + 4096 + 4096 + 8192 and params[1] is mine[3]
+    assert all(mine[i].data_ptr() == params[0].data_ptr() + 4 * off for i, off in [(0, 0), (1, 8192), (4, 16384)])
+    cfg = T.TrainConfig(lr=1e-2, optim=optim, weight_decay=0.1)
+    xs = [torch.randn(s) for s in shapes]
+    for group, ps in ((ref, ref), (mine, params)):
+        opt = make_optimizer(ps, cfg)
+        for step in range(3):
+            for micro in range(2):  # loss = sum_i <w_i^2, x_i>: gradients that differ per factor and per step
+                sum(((w ** 2) * x * (micro + 1)).sum() for w, x in zip(group, xs)).backward()
+            torch.nn.utils.clip_grad_norm_(ps, 1e9)  # a no-op clip (factor 1.0), as the trainer calls it
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for a, b in zip(ref, mine):
+        assert torch.equal(a, b), (a - b).abs().max()
+        assert b.grad is None
 
 
 def test_resume_with_different_rank_is_refused(tmp_path):
