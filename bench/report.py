@@ -116,19 +116,22 @@ def speed_table(run_id: str, rows: list[dict]) -> str:
 def context_table(run_id: str, rows: list[dict]) -> str:
     r0 = rows[0]
     cap = f", capped to {r0['gpu_mem_gib']:g} GiB" if r0.get("gpu_mem_gib") else ""
+    how = (f"probed at {', '.join(f'{n:,}' for n in r0['at'])} tokens in that order" if r0.get("at") else
+           f"searched in [{r0['lo']}, {r0['hi']}] to within {r0['step']} tokens")
     out = [f"Run `{run_id}` on **{r0.get('gpu') or 'CPU'}**{cap}: the longest sequence (batch 1, one full training "
-           f"step) searched in [{r0['lo']}, {r0['hi']}] to within {r0['step']} tokens, LoRA r={r0['rank']}, "
-           f"gradient checkpointing {r0['checkpointing']}.", "",
-           "| shape | stack | longest sequence | probes | note |", "|---|---|---:|---:|---|"]
+           f"step) {how}, LoRA r={r0['rank']}, gradient checkpointing {r0['checkpointing']}.", "",
+           "| shape | stack | longest sequence | probes: tokens (peak GiB, seconds) | note |", "|---|---|---:|---|---|"]
     for r in _order(rows):
         if r.get("error"):
             longest = "n/a"
         elif r.get("max_seq") is None:
             longest = "none fits"
         else:
-            longest = f"{r['max_seq']:,}" + (" (the --hi cap)" if r.get("capped") else "")
+            longest = f"{r['max_seq']:,}" + (" (the largest tried)" if r.get("capped") else "")
+        probes = "; ".join(f"{p['seq']:,} {'fits' if p['ok'] else 'does not fit'} ({p.get('peak_gib', '?')}, "
+                           f"{p.get('seconds', '?')})" for p in r.get("probes") or [])
         note = r.get("error") or "; ".join(r.get("non_oom_failures") or [])
-        out.append(f"| {r['shape']} | {r['stack']} | {longest} | {len(r.get('probes') or [])} | {note} |")
+        out.append(f"| {r['shape']} | {r['stack']} | {longest} | {probes} | {note} |")
     return "\n".join(out) + "\n"
 
 

@@ -95,7 +95,7 @@ def test_report_writes_table_and_chart(cpu_runs):
     assert run_id in table and "| minilora |" in table and "| peft |" in table
     assert "minilora / peft:" in table and "no run recorded" not in table
     context = text.split("<!-- max-context-table -->")[1].split("<!-- /max-context-table -->")[0]
-    assert "| tiny | minilora | 192 (the --hi cap) |" in context
+    assert "| tiny | minilora | 192 (the largest tried) | 192 fits (" in context
     assert text.count("<!-- bench-table -->") == 1  # replaced between the markers, not appended
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
