@@ -26,14 +26,12 @@ from typing import Callable
 
 import torch
 
-STACKS = ("minilora", "minilora-fast", "minilora-lean", "minilora-padfree", "minilora-graphs", "peft", "unsloth")
+STACKS = ("minilora", "minilora-fast", "minilora-lean", "minilora-padfree", "peft", "unsloth")
 # minilora's memory modes (train.py flags): default = --gradient-checkpointing; fast = --no-gradient-checkpointing
 # (keep every activation, no recompute); lean = --offload (layer inputs and embedding table in host memory);
-# padfree = --padding-free (a batch's rows end to end, no pad tokens; the same as minilora on full rows);
-# graphs = an experiment, no train.py flag yet: each compiled layer replayed as a CUDA graph (torch.compile's
-# "reduce-overhead" mode), against the kernel-launch cost of small models (bench/NOTES.md).
+# padfree = --padding-free (a batch's rows end to end, no pad tokens; the same as minilora on full rows).
 MINILORA_MODES = {"minilora": {}, "minilora-fast": {"gradient_checkpointing": False}, "minilora-lean": {"offload": True},
-                  "minilora-padfree": {"padding_free": True}, "minilora-graphs": {"graphs": True}}
+                  "minilora-padfree": {"padding_free": True}}
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # minilora's ALL_TARGETS
 
 
@@ -100,20 +98,16 @@ def load_minilora(folder, s: Settings, mode: str = "minilora") -> Run:
     torch.manual_seed(s.seed)
     apply_lora(model, r=s.rank, alpha=s.alpha, dropout=0.0, targets=TARGETS)
     opts = {"gradient_checkpointing": s.checkpointing, **MINILORA_MODES[mode]}
-    padding_free, graphs = opts.pop("padding_free", False), opts.pop("graphs", False)
-    setup_for_training(model, compile="off" if graphs else s.compile, device=s.device, **opts)
-    if graphs:
-        for layer in model.model.layers:
-            layer.compile(mode="reduce-overhead")
+    padding_free = opts.pop("padding_free", False)
+    setup_for_training(model, compile=s.compile, device=s.device, **opts)
     autocast = s.autocast()
 
     def loss_backward(ids, lengths=None):
-        if graphs:
-            torch.compiler.cudagraph_mark_step_begin()  # a new step: the last step's graph outputs may be reused
         if padding_free and lengths:
-            rows = [row[:n].tolist() for row, n in zip(ids, lengths)]
-            batch = make_batch([Example(r, r) for r in rows], 0, ids.device, padding_free=True)
+            rows = [row[:n].tolist() for row, n in zip(ids, lengths)]  # ids on the host (train_speed.py)
+            batch = make_batch([Example(r, r) for r in rows], 0, torch.device(s.device), padding_free=True)
         else:
+            ids = ids.to(s.device)
             batch = {"input_ids": ids, "labels": padded_labels(ids, lengths)}
         loss, _ = train_step(model, [batch], autocast)
         return loss

@@ -167,7 +167,8 @@ def measure(stack: str, folder, shape: str, a) -> dict:
     cuda = device.type == "cuda"
     s = stacks.Settings(rank=a.rank, alpha=a.alpha, checkpointing=a.checkpointing == "on", compile=a.compile,
                         max_seq=a.seq, device=a.device, seed=a.seed)
-    data = [(ids.to(device), lengths) for ids, lengths in batches(shape, a)]
+    # padding-free builds its row from Python lists on the host, as the trainer does (then one copy to the GPU)
+    data = [(ids if stack == "minilora-padfree" else ids.to(device), lengths) for ids, lengths in batches(shape, a)]
     stacks.import_stack(stack)
     gib = 2**30
     sync(device)
@@ -375,6 +376,10 @@ def main(argv=None):
         for shape in a.shapes:
             cfg = shapes.model_config(shape)
             folder = checkpoint_folder(shape, a, work, device)
+            # attention's FLOPs per token follow the length of its sequence: with --lengths, the
+            # token-weighted mean length of the timed rows, sum(n^2) / sum(n)
+            timed = [n for _, ns in batches(shape, a)[a.warmup:] for n in (ns or [a.seq] * a.batch)]
+            flops_seq = sum(n * n for n in timed) / sum(timed)
             rows = []
             for stack in a.stack_list:
                 print(f"--- {shape} / {stack} ({time.perf_counter() - started:.0f}s into the run)", flush=True)
@@ -388,7 +393,7 @@ def main(argv=None):
                        "labels": "all real tokens (labels = input_ids, pads unlabelled)",
                        "isolated": a.isolate == "on",
                        **{k: None for k in FIGURES}, **figures}
-                fpt = stacks.flops_per_token(cfg, a.seq, a.checkpointing == "on" and stack != "minilora-fast")
+                fpt = stacks.flops_per_token(cfg, flops_seq, a.checkpointing == "on" and stack != "minilora-fast")
                 row["flops_per_token"] = fpt
                 row["mfu"] = (row["tokens_per_s"] * fpt / (tflops * 1e12)) if row["tokens_per_s"] else None
                 row.update(matmul_tflops=tflops, device=device.type, gpu=gpu, versions=vers)

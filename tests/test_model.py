@@ -5,7 +5,6 @@ differently, so logits agree to ~1e-5, far below any real disagreement (a
 wrong RoPE or bias changes logits by >1e-2).
 """
 import json
-import shutil
 
 import pytest
 import torch
