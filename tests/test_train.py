@@ -172,6 +172,24 @@ def test_resume_equals_uninterrupted(tmp_path, rank, optim):
     assert a[6] < a[1]  # and it learned something
 
 
+def test_resume_refuses_optimizer_state_of_another_layout(tmp_path):
+    """A checkpoint whose optimizer holds one entry per LoRA factor (minilora before the factors were
+    joined into one tensor) is refused by name, with the way out, instead of loading into the wrong slots."""
+    extra = {"r": 64, "optim": "adamw8bit"}
+    out = tmp_path / "old"
+    r = run_train(tiny_run_args(tmp_path, out, save_every=3, **extra))
+    assert r.returncode == 0, r.stderr
+    crash_after_checkpoint(out, 3)
+    path = out / "checkpoints" / "step-000003" / "trainer_state.pt"
+    state = torch.load(path, weights_only=True)
+    state["optimizer"]["param_groups"][0]["params"] = list(range(40))  # the old layout: an entry per factor
+    state["optimizer"]["state"] = {}
+    torch.save(state, path)
+    r = run_train(tiny_run_args(tmp_path, out, save_every=3, **extra) + ["--resume"])
+    assert r.returncode != 0
+    assert "step-000003: its optimizer state does not fit" in r.stderr and "start a new run" in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize("optim", ["adamw8bit", "adamw"])
 def test_flat_optimizer_matches_one_entry_per_factor(optim):
     """step.flatten_for_optimizer: factors joined into one tensor train bit for bit as bitsandbytes' (or torch's)
