@@ -124,12 +124,12 @@ def bisect_max(probe, lo: int, hi: int, step: int) -> int | None:
 
 
 def ascend(probe, lengths: list[int]) -> int | None:
-    """The last of `lengths`, taken in order, before the first that does not fit; None if the first does not."""
+    """Probe `lengths` in order until one does not fit; the longest that fitted, or None."""
     best = None
     for n in lengths:
         if not probe(n):
             break
-        best = n
+        best = max(best or 0, n)
     return best
 
 
@@ -282,7 +282,7 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         folder = Path(a.checkpoint) if a.checkpoint else work / a.shape
-        if not (folder / "config.json").is_file():
+        if not shapes.reusable(folder):
             # a child writes the checkpoint, so this process never creates a CUDA context of its own
             subprocess.run([sys.executable, str(ROOT / "bench" / "shapes.py"), "--write", str(folder), "--shape",
                             a.shape, "--device", a.device, "--seed", str(a.seed)], check=True)

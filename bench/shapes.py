@@ -82,6 +82,18 @@ def write_tokenizer(folder: Path, words: int = 60):
                             pad_token="<pad>").save_pretrained(str(folder))
 
 
+def reusable(folder) -> bool:
+    """For --checkpoint DIR: True if DIR holds a checkpoint (its config.json) to use as it is, False if DIR is
+    missing or empty (write one there). Anything else is refused: writing replaces the folder."""
+    folder = Path(folder)
+    if (folder / "config.json").is_file():
+        return True
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise SystemExit(f"--checkpoint {folder}: not a checkpoint folder (no config.json) and not empty; writing a "
+                         "random checkpoint there would replace what it holds. Name a new or empty folder.")
+    return False
+
+
 def write_checkpoint(folder, shape: str, *, device="cpu", seed: int = 0, std: float = 0.02,
                      shard_gib: float = 4.0) -> Path:
     """Write a random-weight bf16 checkpoint of `shape` into `folder` (replaced if it exists).

@@ -234,7 +234,8 @@ def run_in_process(stack: str, folder, shape: str, a) -> dict:
 
 def run_isolated(stack: str, folder, shape: str, a) -> dict:
     """The same `measure`, in a fresh child process of this script; its figures come back as a JSON file."""
-    row_file = Path(folder).parent / f"{shape}-{stack}.json"
+    row_file = Path(a.work) / f"{shape}-{stack}.json"  # this run's own folder: never a last run's row
+    row_file.unlink(missing_ok=True)
     flags = ["--shape", shape, "--stacks", stack, "--batch", a.batch, "--seq", a.seq, "--lengths", a.lengths,
              "--rank", a.rank,
              "--alpha", a.alpha, "--steps", a.steps, "--warmup", a.warmup, "--checkpointing", a.checkpointing,
@@ -350,7 +351,7 @@ def start_run(device: torch.device) -> tuple[str, str | None, dict]:
 def checkpoint_folder(shape: str, a, work: Path, device) -> Path:
     """--checkpoint's folder (written there first if missing), or a fresh random one under `work`."""
     folder = Path(a.checkpoint) if a.checkpoint else work / shape
-    if a.checkpoint and (folder / "config.json").is_file():
+    if a.checkpoint and shapes.reusable(folder):
         print(f"{shape}: using the checkpoint in {folder}", flush=True)
         return folder
     t = time.perf_counter()
@@ -370,7 +371,7 @@ def main(argv=None):
     print(f"matmul rate: {tflops:.1f} TFLOP/s", flush=True)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="minilora-bench-", dir=a.tmp))
+    work = a.work = Path(tempfile.mkdtemp(prefix="minilora-bench-", dir=a.tmp))
     started = time.perf_counter()
     try:
         for shape in a.shapes:

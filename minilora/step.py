@@ -90,10 +90,12 @@ def flatten_for_optimizer(factors: list[torch.nn.Parameter]) -> list[torch.nn.Pa
 
 def _add_grad_into(flat: torch.nn.Parameter, start: int, n: int):
     def hook(p):
-        if flat.grad is None:  # the step's first gradient (zero_grad sets it to None)
-            flat.grad = torch.zeros_like(flat)
-        flat.grad[start:start + n].add_(p.grad.reshape(-1))
-        p.grad = None
+        try:
+            if flat.grad is None:  # the step's first gradient (zero_grad sets it to None)
+                flat.grad = torch.zeros_like(flat)
+            flat.grad[start:start + n].add_(p.grad.reshape(-1))
+        finally:  # also after an out-of-memory error: zero_grad cannot reach a factor's own .grad
+            p.grad = None
     return hook
 
 

@@ -183,7 +183,7 @@ def test_max_context_at_probes_in_order_on_a_kept_checkpoint(tmp_path):
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert {f.name: f.stat().st_mtime_ns for f in kept.iterdir()} == written  # used as it was, not rewritten
     (row,) = _rows(out)
-    assert [p["seq"] for p in row["probes"]] == [96, 32, 64] and row["max_seq"] == 64 and row["at"] == [96, 32, 64]
+    assert [p["seq"] for p in row["probes"]] == [96, 32, 64] and row["max_seq"] == 96 and row["at"] == [96, 32, 64]
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -207,3 +207,15 @@ def test_profile_step_cpu_writes_a_report(tmp_path):
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     text = report_file.read_text()
     assert "wall per step" in text and "Top operators by host time" in text and "aten::mm" in text
+
+
+def test_checkpoint_flag_never_replaces_a_folder_it_did_not_write(tmp_path):
+    """--checkpoint DIR on a folder that holds something else than a checkpoint: refused, the folder untouched."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    r = subprocess.run([sys.executable, "bench/train_speed.py", "--shape", "tiny", "--device", "cpu", "--stacks",
+                        "minilora", "--checkpoint", str(folder), "--out", str(tmp_path / "o.jsonl")],
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "not a checkpoint folder (no config.json) and not empty" in r.stderr, r.stderr[-2000:]
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"] and not (tmp_path / "o.jsonl").exists()
