@@ -72,7 +72,9 @@ def flatten_for_optimizer(factors: list[torch.nn.Parameter]) -> list[torch.nn.Pa
     multiple of 256 and at least 4096, so the 8-bit state's blocks are the blocks it has alone. Smaller
     factors (k/v projections of small models at low rank) stay separate parameters. Each factor's
     gradient is added into the flat gradient as soon as backward has it (a post-accumulate hook), and
-    dropped: no second copy of the gradients, and micro-batches accumulate as before.
+    dropped: no second copy of the gradients, and micro-batches accumulate as before. (One difference:
+    a joined factor that got no gradient at all would still see weight decay and momentum, its slice
+    being zeros rather than None. Every factor is on the loss's path in these models, so none does.)
     """
     big = [p for p in factors if p.numel() % BNB_BLOCK == 0 and p.numel() >= BNB_MIN_8BIT]
     if len(big) < 2:
