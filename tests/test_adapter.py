@@ -22,7 +22,11 @@ from conftest import tiny_hf_model
 from minilora.checkpoint import adapter_config, load_adapter, load_model, save_adapter
 from minilora.lora import LoRALinear, apply_lora
 
-ATOL = 1e-4
+# Logits of SmolLM2 (30 layers, fp32) through minilora and through transformers+peft: they usually agree to
+# 6e-5 (6.5e-7 of the logits' norm), but once, on a loaded 2-core machine, two of the 8 positions differed by
+# up to 1.7e-3 (cause not found: both sides are fp32 CPU code whose thread splits and kernels differ). An adapter
+# that maps wrongly moves the logits by > 0.5 (checked below), so 5e-3 still separates right from wrong 100x.
+ATOL = 5e-3
 
 
 def randomize_b(model, seed=0, std=0.02):
