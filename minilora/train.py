@@ -49,8 +49,7 @@ from .report import demo_report, oom_advice, plot_losses, print_demo_summary
 from .resume import (SAVE_ERRORS, find_resume, prepare_output, restore, rewind_metrics, rng_state, save_checkpoint,
                      why)
 from .step import (evaluate, flatten_for_optimizer, label_tokens, lr_at, make_batch, make_optimizer, make_scaler,
-                   micro_batches, rank_slice,
-                   setup_for_training, train_step)
+                   micro_batches, rank_slice, setup_for_training, train_step)
 from .tokenizer import Tokenizer
 
 
