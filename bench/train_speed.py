@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -302,6 +303,11 @@ def versions() -> dict:
     except (OSError, subprocess.SubprocessError):
         head = ""
     out["minilora"] = f"{ver}+g{head}" if head else ver
+    # The code that ran, whatever git says: a copy of the tree can carry a stale .git (the GPU machine's does).
+    digest = hashlib.sha256()
+    for f in sorted((ROOT / "minilora").glob("*.py")):
+        digest.update(f.name.encode() + b"\0" + f.read_bytes())
+    out["minilora_source_sha256"] = digest.hexdigest()[:12]
     return out
 
 

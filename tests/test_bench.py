@@ -9,6 +9,7 @@ The two scripts run as subprocesses, the way they run on the GPU machine, side b
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -59,6 +60,7 @@ def test_train_speed_rows(cpu_runs):
     rows = _rows(speed)
     assert [r["stack"] for r in rows] == ["minilora", "peft"]
     assert len({r["run_id"] for r in rows}) == 1
+    assert re.fullmatch(r"[0-9a-f]{12}", rows[0]["versions"]["minilora_source_sha256"])  # the code that ran
     for r in rows:
         assert set(REQUIRED) <= set(r), sorted(set(REQUIRED) - set(r))
         assert not r.get("error"), r.get("error")
