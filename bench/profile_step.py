@@ -83,9 +83,7 @@ def main(argv=None):
 
 def profile(a, work: Path) -> dict:
     cuda = a.device == "cuda"
-    folder = Path(a.checkpoint) if a.checkpoint else work / a.shape
-    if not (a.checkpoint and shapes.reusable(folder)):
-        shapes.write_checkpoint(folder, a.shape, device=a.device)
+    folder = shapes.checkpoint_folder(a.checkpoint, work, a.shape, device=a.device)
     s = stacks.Settings(max_seq=a.seq, device=a.device)
     stacks.import_stack(a.stack)
     run = stacks.load(a.stack, folder, s)

@@ -94,6 +94,19 @@ def reusable(folder) -> bool:
     return False
 
 
+def checkpoint_folder(checkpoint: str, work, shape: str, *, device, seed: int = 0) -> Path:
+    """The checkpoint a benchmark trains on: --checkpoint DIR's own if it has one; else a random one of
+    `shape`, written into DIR (and kept) or, without --checkpoint, into the temporary folder `work`."""
+    folder = Path(checkpoint) if checkpoint else Path(work) / shape
+    if checkpoint and reusable(folder):
+        print(f"{shape}: using the checkpoint in {folder}", flush=True)
+        return folder
+    t = time.perf_counter()
+    write_checkpoint(folder, shape, device=device, seed=seed)
+    print(f"{shape}: random checkpoint written to {folder} in {time.perf_counter() - t:.1f}s", flush=True)
+    return folder
+
+
 def write_checkpoint(folder, shape: str, *, device="cpu", seed: int = 0, std: float = 0.02,
                      shard_gib: float = 4.0) -> Path:
     """Write a random-weight bf16 checkpoint of `shape` into `folder` (replaced if it exists).

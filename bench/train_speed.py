@@ -354,19 +354,6 @@ def start_run(device: torch.device) -> tuple[str, str | None, dict]:
     return run_id, gpu, vers
 
 
-def checkpoint_folder(shape: str, a, work: Path, device) -> Path:
-    """--checkpoint's folder (written there first if missing), or a fresh random one under `work`."""
-    folder = Path(a.checkpoint) if a.checkpoint else work / shape
-    if a.checkpoint and shapes.reusable(folder):
-        print(f"{shape}: using the checkpoint in {folder}", flush=True)
-        return folder
-    t = time.perf_counter()
-    shapes.write_checkpoint(folder, shape, device=device, seed=a.seed)
-    free_memory()
-    print(f"{shape}: random checkpoint written to {folder} in {time.perf_counter() - t:.1f}s", flush=True)
-    return folder
-
-
 def main(argv=None):
     a = parse_args(argv)
     if a.worker:
@@ -382,11 +369,12 @@ def main(argv=None):
     try:
         for shape in a.shapes:
             cfg = shapes.model_config(shape)
-            folder = checkpoint_folder(shape, a, work, device)
-            # attention's FLOPs per token follow the length of its sequence: with --lengths, the
-            # token-weighted mean length of the timed rows, sum(n^2) / sum(n)
-            timed = [n for _, ns in batches(shape, a)[a.warmup:] for n in (ns or [a.seq] * a.batch)]
-            flops_seq = sum(n * n for n in timed) / sum(timed)
+            folder = shapes.checkpoint_folder(a.checkpoint, work, shape, device=device, seed=a.seed)
+            free_memory()  # what writing it left on the GPU
+            flops_seq = a.seq
+            if a.length_range:  # attention's FLOPs per token follow its sequence's length: the timed rows'
+                timed = [n for _, ns in batches(shape, a)[a.warmup:] for n in ns]  # token-weighted mean length
+                flops_seq = sum(n * n for n in timed) / sum(timed)
             rows = []
             for stack in a.stack_list:
                 print(f"--- {shape} / {stack} ({time.perf_counter() - started:.0f}s into the run)", flush=True)

@@ -71,8 +71,8 @@ class TrainConfig:
     # batching and schedule
     batch_size: int = _f(2, "examples per micro-batch")
     padding_free: bool = _f(False, "put each micro-batch's examples end to end in one row instead of padding them to "
-                                   "the longest (trl's padding_free): no compute on pad tokens, the same loss; measured slower on an H100 at "
-                                   "small batches (bench/NOTES.md)")
+                                   "the longest (trl's padding_free): no compute on pad tokens, the same loss; "
+                                   "measured slower on an H100 at small batches (bench/NOTES.md)")
     grad_accum: int = _f(4, "micro-batches per optimizer step (effective batch = batch_size * grad_accum)")
     max_steps: int = _f(0, "optimizer steps; 0: run --epochs")
     epochs: float = _f(1.0, "passes over the training data, used when --max-steps is 0")
