@@ -26,12 +26,14 @@ from typing import Callable
 
 import torch
 
-STACKS = ("minilora", "minilora-fast", "minilora-lean", "minilora-padfree", "peft", "unsloth")
-# minilora's memory modes (train.py flags): default = --gradient-checkpointing; fast = --no-gradient-checkpointing
-# (keep every activation, no recompute); lean = --offload (layer inputs and embedding table in host memory);
-# padfree = --padding-free (a batch's rows end to end, no pad tokens; the same as minilora on full rows).
+STACKS = ("minilora", "minilora-fast", "minilora-lean", "minilora-padfree", "minilora-graphs", "peft", "unsloth")
+# minilora's modes (train.py flags): minilora = --gradient-checkpointing --cuda-graphs off;
+# fast = --no-gradient-checkpointing (keep every activation, no recompute); lean = --offload (layer inputs and embedding table in host memory);
+# padfree = --padding-free (a batch's rows end to end, no pad tokens; the same as minilora on full rows);
+# graphs = --cuda-graphs on (each micro-batch's forward and backward replayed from a CUDA graph, graphs.py; the
+# trainer's default on a GPU, --cuda-graphs auto).
 MINILORA_MODES = {"minilora": {}, "minilora-fast": {"gradient_checkpointing": False}, "minilora-lean": {"offload": True},
-                  "minilora-padfree": {"padding_free": True}}
+                  "minilora-padfree": {"padding_free": True}, "minilora-graphs": {"cuda_graphs": True}}
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # minilora's ALL_TARGETS
 
 
@@ -63,6 +65,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     loss_backward: Callable  # (input_ids, lengths) -> forward + backward of one batch, returns the mean loss
     quant: str = "nf4-dq"
+    graphs: object = None  # minilora-graphs: its graphs.GraphedMicroBatches
 
     def step(self, input_ids: torch.Tensor, lengths: list[int] | None = None) -> float:
         """One optimizer step on `input_ids` (B, T): every token labelled, or row i's first lengths[i] only."""
@@ -91,6 +94,7 @@ def load_minilora(folder, s: Settings, mode: str = "minilora") -> Run:
     and train_step: the code `python -m minilora.train` runs."""
     from minilora.checkpoint import load_model
     from minilora.data import Example
+    from minilora.graphs import PAD_MULTIPLE, GraphedMicroBatches
     from minilora.lora import apply_lora
     from minilora.step import make_batch, setup_for_training, train_step
 
@@ -99,6 +103,7 @@ def load_minilora(folder, s: Settings, mode: str = "minilora") -> Run:
     apply_lora(model, r=s.rank, alpha=s.alpha, dropout=0.0, targets=TARGETS)
     opts = {"gradient_checkpointing": s.checkpointing, **MINILORA_MODES[mode]}
     padding_free = opts.pop("padding_free", False)
+    graphed = opts.pop("cuda_graphs", False)
     setup_for_training(model, compile=s.compile, device=s.device, **opts)
     autocast = s.autocast()
 
@@ -109,10 +114,14 @@ def load_minilora(folder, s: Settings, mode: str = "minilora") -> Run:
         else:
             ids = ids.to(s.device)
             batch = {"input_ids": ids, "labels": padded_labels(ids, lengths)}
-        loss, _ = train_step(model, [batch], autocast)
+            if graphed and ids.shape[1] % PAD_MULTIPLE:  # as train.py pads for graphs
+                raise ValueError(f"minilora-graphs needs a sequence length that is a multiple of {PAD_MULTIPLE}")
+        loss, _ = train_step(model, [batch], autocast, graphs=run.graphs)
         return loss
 
-    return _finish(model, s, loss_backward, flatten=True)
+    run = _finish(model, s, loss_backward, flatten=True)
+    run.graphs = GraphedMicroBatches(model, run.params, autocast) if graphed else None
+    return run
 
 
 def padded_labels(ids: torch.Tensor, lengths) -> torch.Tensor:

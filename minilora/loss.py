@@ -33,7 +33,8 @@ LOGIT_ELEMENTS = 2**25  # rows per chunk = this / vocab: 128 MiB of fp32 logits 
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """sum_i CE(h_i @ W.T, y_i), computing dL/dh chunk by chunk during the forward pass."""
+    """sum_i CE(h_i @ W.T, y_i), computing dL/dh chunk by chunk during the forward pass.
+    Rows whose label is IGNORE add 0 to the sum and get a zero gradient."""
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, rows: int):
@@ -43,13 +44,14 @@ class LinearCrossEntropy(torch.autograd.Function):
         w = weight.to(h.dtype)
         for i in range(0, h.shape[0], rows):
             logits = (h[i: i + rows] @ w.T).float()  # (rows, V)
-            yi = y[i: i + rows]
+            keep = y[i: i + rows] != IGNORE  # (rows,): all True unless called with every position
+            yi = torch.where(keep, y[i: i + rows], 0)  # an unlabelled row points at class 0, then weighs 0
             lse = torch.logsumexp(logits, dim=-1)  # (rows,)
-            total += (lse - logits.gather(1, yi[:, None]).squeeze(1)).sum()
+            total += ((lse - logits.gather(1, yi[:, None]).squeeze(1)) * keep).sum()
             if need_grad:
                 probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
                 probs[torch.arange(len(yi), device=y.device), yi] -= 1.0  # - onehot(y)
-                grad_h[i: i + rows] = probs.to(h.dtype) @ w
+                grad_h[i: i + rows] = (probs.to(h.dtype) @ w) * keep[:, None]
         ctx.save_for_backward(grad_h)
         return total
 
@@ -60,16 +62,23 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 
 def causal_lm_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
-                   rows: int | None = None) -> tuple[torch.Tensor, int]:
-    """(sum of token losses, number of label tokens) for hidden (B, T, H) and labels (B, T)."""
+                   rows: int | None = None, every_position: bool = False) -> tuple[torch.Tensor, int | None]:
+    """(sum of token losses, number of label tokens) for hidden (B, T, H) and labels (B, T).
+
+    `every_position` skips the gathering of the labelled rows, whose count the host must wait for
+    (`nonzero`): every position's logits are computed and unlabelled ones weigh 0. Same sum, more
+    FLOPs on prompt and pad rows, and no wait, which a CUDA graph needs (graphs.py); the count is
+    then not known here and None is returned in its place.
+    """
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # position t predicts t+1
     y = labels[:, 1:].reshape(-1)
-    keep = (y != IGNORE).nonzero().squeeze(1)
-    h, y = h.index_select(0, keep), y.index_select(0, keep)  # (N, H), (N,)
+    if not every_position:
+        keep = (y != IGNORE).nonzero().squeeze(1)
+        h, y = h.index_select(0, keep), y.index_select(0, keep)  # (N, H), (N,)
     rows = rows or max(16, LOGIT_ELEMENTS // lm_head_weight.shape[0])
     if h.requires_grad and lm_head_weight.requires_grad:
         raise ValueError("causal_lm_loss assumes a frozen lm_head (LoRA does not train it).")
-    return LinearCrossEntropy.apply(h, lm_head_weight, y, rows), y.numel()
+    return LinearCrossEntropy.apply(h, lm_head_weight, y, rows), None if every_position else y.numel()
 
 
 def reference_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:

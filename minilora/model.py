@@ -253,6 +253,9 @@ class DecoderModel(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.gradient_checkpointing = False  # recompute each layer in backward: memory for FLOPs
         self.offloader = None  # an offload.HostOffloader: checkpoint with layer inputs in host memory
+        # The recompute replays the forward's random numbers (dropout) by saving the RNG state per layer;
+        # with nothing random in the layers (no dropout) that is skipped, which a CUDA graph needs (graphs.py).
+        self.recompute_rng = True
 
     def forward(self, input_ids, positions=None, mask=None, cache_pos: int = 0):
         B, T = input_ids.shape
@@ -266,7 +269,8 @@ class DecoderModel(nn.Module):
             if self.offloader is not None and self.training:
                 x = OffloadedCheckpoint.apply(x, self.offloader, layer, cos, sin, mask, cache_pos)
             elif self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache_pos, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache_pos, use_reentrant=False,
+                                                      preserve_rng_state=self.recompute_rng)
             else:
                 x = layer(x, cos, sin, mask, cache_pos)
         return self.norm(x)

@@ -33,6 +33,7 @@ def setup_for_training(model, *, gradient_checkpointing: bool, compile: str, dev
     from .offload import HostEmbedding, HostOffloader
 
     model.model.gradient_checkpointing = gradient_checkpointing or offload
+    model.model.recompute_rng = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
     if offload:
         model.model.offloader = HostOffloader(device)
         if not model.config.tie_word_embeddings:  # a tied table is also lm_head, which the GPU needs
@@ -146,9 +147,10 @@ def rank_slice(mbs: list[list], rank: int, world: int) -> list[list]:
     return [mb[rank * len(mb) // world: (rank + 1) * len(mb) // world] for mb in mbs]
 
 
-def make_batch(examples, pad_id: int, device, padding_free: bool = False) -> dict:
-    """One micro-batch on `device`: padded to its longest example, or end to end in one row (packing.py)."""
-    b = packing.collate(examples) if padding_free else D.collate(examples, pad_id)
+def make_batch(examples, pad_id: int, device, padding_free: bool = False, multiple: int = 1) -> dict:
+    """One micro-batch on `device`: padded to its longest example (rounded up to `multiple`), or end
+    to end in one row (packing.py)."""
+    b = packing.collate(examples) if padding_free else D.collate(examples, pad_id, multiple)
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
 
 
@@ -164,7 +166,8 @@ def hidden_states(model, b: dict) -> torch.Tensor:
     return model.model(b["input_ids"], b.get("positions"), b.get("documents"))
 
 
-def train_step(model, batches: list[dict], autocast, scaler=None, n_total: int | None = None) -> tuple[float, int]:
+def train_step(model, batches: list[dict], autocast, scaler=None, n_total: int | None = None,
+               graphs=None) -> tuple[float, int]:
     """Forward and backward over one optimizer step's micro-batches; returns (loss sum / N, N).
 
     Every micro-batch's loss sum is divided by the SAME token count N of the whole step
@@ -172,17 +175,23 @@ def train_step(model, batches: list[dict], autocast, scaler=None, n_total: int |
     gradients sum to the global mean and its gradient).
     With fp16, `scaler` multiplies the loss by its scale S before backward, so gradients
     too small for fp16 do not flush to zero; they are S times too large until `scaler.unscale_`.
+    `graphs` (graphs.GraphedMicroBatches) replays each micro-batch from a CUDA graph instead.
+    The losses are summed on the device and read once, so the host can queue the next
+    micro-batch while the GPU still works on this one.
     """
     n_total = label_tokens(batches) if n_total is None else n_total
-    loss_total = 0.0
+    loss_total = torch.zeros((), dtype=torch.float32, device=batches[0]["labels"].device)
     for b in batches:
+        if graphs is not None:
+            loss_total += graphs(b, 1.0 / max(n_total, 1))
+            continue
         with autocast:
             hidden = hidden_states(model, b)
             loss_sum, _ = causal_lm_loss(hidden, model.lm_head.weight, b["labels"])
         loss = loss_sum / max(n_total, 1)
         (scaler.scale(loss) if scaler is not None else loss).backward()
-        loss_total += loss_sum.item()
-    return loss_total / max(n_total, 1), n_total
+        loss_total += loss_sum.detach().float()
+    return loss_total.item() / max(n_total, 1), n_total
 
 
 @torch.no_grad()

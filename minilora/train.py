@@ -44,6 +44,7 @@ from huggingface_hub.utils import tqdm
 from . import data as D
 from . import distributed as dp
 from .checkpoint import adapter_config, default_dtype, load_model, resolve_model, save_adapter
+from .graphs import PAD_MULTIPLE, GraphedMicroBatches
 from .lora import ALL_TARGETS, apply_lora, describe_trainable
 from .report import demo_report, oom_advice, plot_losses, print_demo_summary
 from .resume import (SAVE_ERRORS, find_resume, prepare_output, restore, rewind_metrics, rng_state, save_checkpoint,
@@ -97,6 +98,11 @@ class TrainConfig:
                            "too large for one GPU (LoRA stays replicated)")
     compile: str = _f("auto", "torch.compile each decoder layer (fuses norms, RoPE, SwiGLU); auto: on CUDA only",
                       ("auto", "on", "off"))
+    cuda_graphs: str = _f("auto", "replay each micro-batch's forward and backward from a CUDA graph: no per-kernel "
+                                  "host cost (1.5B: 2.4x the tokens/s); pads lengths to a multiple of 256 and computes "
+                                  "the loss at prompt positions too (graphs.py). auto: on a CUDA GPU with bf16 unless "
+                                  "--offload, --padding-free, --fsdp, --dropout > 0 or several processes",
+                          ("auto", "on", "off"))
     # eval, saving and run control
     eval_fraction: float = _f(0.05, "fraction of the data held out for eval (ignored with --eval-data)")
     eval_data: str = _f("", "separate eval .json/.jsonl file")
@@ -234,7 +240,7 @@ def validate(cfg: TrainConfig):
     need(min(cfg.eval_every, cfg.save_every) >= 0 and cfg.log_every >= 1, "--eval-every/--save-every must be >= 0, --log-every >= 1.")
     need(cfg.max_bad_steps >= 1, f"--max-bad-steps must be >= 1, got {cfg.max_bad_steps}.")
     need(cfg.template in ("auto",) + D.TEMPLATES, f"--template must be one of auto, {', '.join(D.TEMPLATES)}.")
-    for name in ("truncation", "bad_rows", "scheduler", "optim", "quant_type", "compile"):
+    for name in ("truncation", "bad_rows", "scheduler", "optim", "quant_type", "compile", "cuda_graphs"):
         choices = TrainConfig.__dataclass_fields__[name].metadata["choices"]
         need(getattr(cfg, name) in choices, f"--{name.replace('_', '-')} must be one of {', '.join(choices)}.")
     need(not (cfg.resume and cfg.overwrite), "--resume and --overwrite contradict each other; pick one.")
@@ -246,6 +252,14 @@ def validate(cfg: TrainConfig):
          "(no --model, no --data) generates answers rank by rank, which sharded weights cannot serve. Give --model "
          "and --data, or drop --fsdp.")
     need(not (cfg.fsdp and cfg.no_4bit), "--fsdp shards the 4-bit base weights; it does not work with --no-4bit.")
+    for other, clash in (("offload", cfg.offload), ("padding-free", cfg.padding_free), ("fsdp", cfg.fsdp),
+                         ("dropout", cfg.dropout > 0)):
+        need(not (cfg.cuda_graphs == "on" and clash), f"--cuda-graphs on cannot record --{other}: " + {
+            "offload": "its host copies and host embedding lookups happen outside the GPU's stream.",
+            "padding-free": "its row layout changes with every batch; graphs need a few fixed shapes.",
+            "fsdp": "FSDP2's gathers run between the layers' kernels.",
+            "dropout": "the recompute would need the forward's RNG state, which a recording cannot save."}[other]
+            + " Drop one of the two (--cuda-graphs auto does).")
     need(not (cfg.fsdp and cfg.compile == "on"), "--fsdp and --compile on: per-layer compile cannot trace FSDP2's "
          "gather/free hooks inside each layer here; use --compile off (or auto, which is off under --fsdp).")
 
@@ -266,6 +280,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler  # fp16 only; disabled it passes everything through (step.py)
     autocast: torch.autocast
+    graphs: GraphedMicroBatches | None  # --cuda-graphs
     train: list  # tokenized examples
     evals: list
     demo_eval: list | None  # the demo's held-out questions (no --data): for its accuracy before and after
@@ -293,6 +308,7 @@ def set_up(cfg: TrainConfig) -> Run:
     """Everything before the first step, cheapest checks first: the output folder and a resume's settings,
     then all of the data, then the model. A mistake in the first two costs seconds, not a model load."""
     device = dp.init(pick_device(cfg.device))  # under torchrun: join the other ranks (distributed.py)
+    graphed = use_cuda_graphs(cfg, device, default_dtype(device))
     if not dp.is_main():  # the other ranks would print the same lines again; their errors still go to stderr
         sys.stdout = open(os.devnull, "w")
     out = prepare_output(cfg)
@@ -319,15 +335,28 @@ def set_up(cfg: TrainConfig) -> Run:
                           rslora=cfg.rslora)
     params = flatten_for_optimizer([p for p in model.parameters() if p.requires_grad])
     dtype = default_dtype(device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda")
     per_step = cfg.batch_size * cfg.grad_accum * dp.world()
     run = Run(cfg=cfg, out=out, device=device, tok=tok, model=model, acfg=acfg, params=params,
               optimizer=make_optimizer(params, cfg), scaler=make_scaler(dtype, device),
               # One dtype policy: base weights in `dtype`, LoRA in fp32, matmuls under autocast on the GPU.
-              autocast=torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"),
+              autocast=autocast,
+              graphs=GraphedMicroBatches(model, params, autocast) if graphed else None,
               train=train, evals=evals, demo_eval=demo_eval, pad_id=pad_id, per_step=per_step,
               total_steps=cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train) / per_step)))
     start_from(run, resume)
     return run
+
+
+def use_cuda_graphs(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> bool:
+    """--cuda-graphs: `on` asks for them (validate refused the flags they cannot record), `auto` takes them where
+    they work. Several processes are left out of auto: the recording with the ranks' all-reduce is not yet measured."""
+    fits = device.type == "cuda" and dtype == torch.bfloat16
+    if cfg.cuda_graphs == "on" and not fits:
+        raise UsageError(f"--cuda-graphs on needs a CUDA GPU with bf16 (this run trains on {device} in {dtype}); "
+                         "use --cuda-graphs off.")
+    others = cfg.offload or cfg.padding_free or cfg.fsdp or cfg.dropout > 0 or dp.world() > 1
+    return cfg.cuda_graphs == "on" or (cfg.cuda_graphs == "auto" and fits and not others)
 
 
 def pick_device(name: str) -> torch.device:
@@ -497,7 +526,8 @@ def step_batches(run: Run) -> list[dict]:
     order = D.epoch_order(len(run.train), cfg.seed, epoch)
     mbs = rank_slice(micro_batches(run.train, order, offset, cfg.grad_accum, cfg.batch_size * world),
                      dp.rank(), world)
-    return [make_batch(mb, run.pad_id, run.device, cfg.padding_free) for mb in mbs]
+    multiple = PAD_MULTIPLE if run.graphs else 1  # a few fixed shapes: one CUDA graph each
+    return [make_batch(mb, run.pad_id, run.device, cfg.padding_free, multiple) for mb in mbs]
 
 
 def optimizer_step(run: Run, batches: list[dict]) -> tuple[float, float, int, bool]:
@@ -506,7 +536,7 @@ def optimizer_step(run: Run, batches: list[dict]) -> tuple[float, float, int, bo
     # The loss is divided by the label tokens of ALL ranks, so the ranks' losses and gradients add up
     # to the global mean and its gradient: N ranks x batch b train exactly as 1 rank x batch N*b.
     n_tokens = dp.all_reduce_sum(label_tokens(batches))
-    loss, _ = train_step(run.model, batches, run.autocast, run.scaler, n_total=n_tokens)
+    loss, _ = train_step(run.model, batches, run.autocast, run.scaler, n_total=n_tokens, graphs=run.graphs)
     loss = dp.all_reduce_sum(loss)
     dp.all_reduce_grads(run.params, run.device)  # once per optimizer step, after every micro-batch
     run.scaler.unscale_(run.optimizer)  # fp16 only: clipping and the finiteness check need the true gradients
@@ -533,7 +563,7 @@ def log_step(run: Run, bar, batches: list[dict], lr: float, loss: float, gnorm: 
         log(run, {"step": run.step, "split": "train", "lr": lr,  # NaN is not JSON: a non-finite value is null
                   "loss": loss if math.isfinite(loss) else None,
                   "grad_norm": gnorm if math.isfinite(gnorm) else None,
-                  "tokens_per_s": tokens / dt, "label_tokens": n_tokens, "peak_mem_gib": mem,
+                  "tokens_per_s": tokens / dt, "label_tokens": n_tokens, "step_s": dt, "peak_mem_gib": mem,
                   "epoch": run.position / len(run.train), "skipped": not good})
 
 

@@ -247,6 +247,8 @@ def test_finished_run_is_not_overwritten(tmp_path):
     (["--r", "0"], "--r must be a positive integer"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--scheduler", "step"], "invalid choice"),
+    (["--cuda-graphs", "on", "--offload"], "--cuda-graphs on cannot record --offload"),
+    (["--cuda-graphs", "on", "--dropout", "0.1"], "--cuda-graphs on cannot record --dropout"),
 ])
 def test_bad_flags(args, message):
     r = run_train(["--model", "x", "--data", "y.jsonl", *args])
