@@ -17,8 +17,13 @@ import os
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-STACK_ORDER = ("minilora", "minilora-fast", "minilora-lean", "peft", "unsloth")
-COLORS = {"minilora": "#2b7bba", "minilora-fast": "#1b4f7a", "minilora-lean": "#7fb3e0", "peft": "#e08a2c", "unsloth": "#3a9e5c"}
+STACK_ORDER = ("minilora-graphs", "minilora", "minilora-fast", "minilora-lean", "minilora-padfree", "peft", "unsloth")
+COLORS = {"minilora-graphs": "#0b2f4f", "minilora": "#2b7bba", "minilora-fast": "#1b4f7a", "minilora-lean": "#7fb3e0",
+          "minilora-padfree": "#9ecae1", "peft": "#e08a2c", "unsloth": "#3a9e5c"}
+MODES = {"minilora": "minilora: --cuda-graphs off", "minilora-graphs": "minilora-graphs: each micro-batch replayed "
+         "from a CUDA graph, the trainer's default on a GPU", "minilora-fast": "minilora-fast: no checkpointing",
+         "minilora-lean": "minilora-lean: layer inputs and the embedding table in host memory",
+         "minilora-padfree": "minilora-padfree: rows end to end, no padding"}
 
 
 def read_run(path, run_id: str | None = None) -> tuple[str, list[dict]]:
@@ -89,9 +94,9 @@ def speed_table(run_id: str, rows: list[dict]) -> str:
     for shape in _shapes(rows):
         rs = _order([r for r in rows if r["shape"] == shape])
         r0 = rs[0]
+        modes = "; ".join(MODES[r["stack"]] for r in rs if r["stack"] in MODES)
         out += [f"**{shape}**: batch {r0['batch']} x {r0['seq']} tokens, LoRA r={r0['rank']} alpha={r0.get('alpha')} "
-                f"on all 7 projections, gradient checkpointing {r0['checkpointing']} (minilora-fast: off; "
-                f"minilora-lean: on, with layer inputs and the embedding table in host memory), "
+                f"on all 7 projections, gradient checkpointing {r0['checkpointing']} ({modes}), "
                 f"median of {r0.get('steps')} steps after {r0.get('warmup')} warm-up.", "",
                 "| stack | tokens/s | step (s) | peak allocated (GiB) | peak reserved (GiB) | loss first -> last "
                 "| MFU | load (s) | load peak (GiB) | first loss matches minilora |",
@@ -133,6 +138,24 @@ def context_table(run_id: str, rows: list[dict]) -> str:
         note = r.get("error") or "; ".join(r.get("non_oom_failures") or [])
         out.append(f"| {r['shape']} | {r['stack']} | {longest} | {probes} | {note} |")
     return "\n".join(out) + "\n"
+
+
+def trainer_table(rows: list[dict]) -> str:
+    """trainer_speed.py's rows: `python -m minilora.train` per mode on variable-length, prompt-masked data."""
+    out = ["| run | shape | mode (flags) | label tokens/s | vs eager | median step (s) | peak allocated (GiB) "
+           "| last loss | steps (timed) |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        mode = f"{r['mode']} ({' '.join(r['flags']) or 'defaults'})"
+        if r.get("error"):
+            out.append(f"| `{r['run_id']}` | {r['shape']} | {mode} | {r['error']} |  |  |  |  |  |")
+            continue
+        out.append(f"| `{r['run_id']}` | {r['shape']} | {mode} | {_num(r['label_tokens_per_s'])} "
+                   f"| {_num(r.get('vs_eager'), '{:.2f}x')} | {r['step_s_median']:.3f} | {r['peak_allocated_gib']:.2f} "
+                   f"| {r['loss_last']:.4f} | {r['steps']} ({r['steps_timed']}) |")
+    r0 = rows[0]
+    return (f"On **{r0.get('gpu') or 'CPU'}**: examples of {r0['lengths'][0]}-{r0['lengths'][1]} tokens (a third "
+            f"prompt, masked), batch {r0['batch_size']} x {r0['grad_accum']} micro-batches; the first {r0['skip']} "
+            f"steps (compilation, graph recording) are left out.\n\n" + "\n".join(out) + "\n")
 
 
 def replace_between(text: str, name: str, body: str, where: Path) -> str:
@@ -191,6 +214,8 @@ def main(argv=None):
                    help="max_context.py's results; skipped if the file does not exist")
     p.add_argument("--run-id", default=None,
                    help="which train_speed run(s), comma-separated, one table each (default: the newest)")
+    p.add_argument("--trainer", default=str(HERE / "results" / "trainer_speed.jsonl"),
+                   help="trainer_speed.py's results, every run in the file; skipped if the file does not exist")
     p.add_argument("--readme", default=str(HERE / "README.md"))
     p.add_argument("--png", default=str(HERE / "results" / "train_speed.png"))
     a = p.parse_args(argv)
@@ -202,6 +227,9 @@ def main(argv=None):
     if Path(a.max_context).is_file():
         ctx_id, ctx_rows = read_run(a.max_context)
         text = replace_between(text, "max-context-table", context_table(ctx_id, ctx_rows), readme)
+    if Path(a.trainer).is_file():
+        trainer_rows = [json.loads(line) for line in Path(a.trainer).read_text().splitlines() if line.strip()]
+        text = replace_between(text, "trainer-table", trainer_table(trainer_rows), readme)
     readme.write_text(text)
     chart(run_id, rows, Path(a.png))
     print(f"wrote the tables of run {run_id} into {readme} and the chart to {a.png}")

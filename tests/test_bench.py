@@ -221,3 +221,21 @@ def test_checkpoint_flag_never_replaces_a_folder_it_did_not_write(tmp_path):
                        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "not a checkpoint folder (no config.json) and not empty" in r.stderr, r.stderr[-2000:]
     assert [p.name for p in folder.iterdir()] == ["notes.txt"] and not (tmp_path / "o.jsonl").exists()
+
+
+def test_trainer_speed_runs_the_trainer_per_mode(tmp_path):
+    """trainer_speed.py: one row per mode from the trainer's own metrics.jsonl. On the CPU --cuda-graphs auto
+    is off, so `default` and `eager` are the same run: the same last loss, bit for bit, and ratio ~1."""
+    out = tmp_path / "trainer.jsonl"
+    r = subprocess.run([sys.executable, "bench/trainer_speed.py", "--shape", "tiny", "--device", "cpu", "--modes",
+                        "eager,default", "--steps", "3", "--skip", "1", "--examples", "24", "--lengths", "20:60",
+                        "--grad-accum", "2", "--out", str(out), "--checkpoint", str(tmp_path / "ck")],
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    eager, default = _rows(out)
+    assert (eager["mode"], default["mode"]) == ("eager", "default") and eager["run_id"] == default["run_id"]
+    assert eager["steps_timed"] == 2 and eager["label_tokens_per_s"] > 0 and eager["vs_eager"] == 1.0
+    assert default["loss_last"] == eager["loss_last"]
+    bad = subprocess.run([sys.executable, "bench/trainer_speed.py", "--lengths", "9:3"], cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--lengths" in bad.stderr
