@@ -87,6 +87,8 @@ class GraphedMicroBatches:
         try:
             with torch.cuda.graph(graph, pool=self.pool):
                 loss_sum = self._forward_backward(ids, labels, scale)
+        except torch.OutOfMemoryError:
+            raise  # the trainer's out-of-memory advice applies as it is
         except RuntimeError as e:
             raise RuntimeError(f"recording a CUDA graph of a {tuple(ids.shape)} micro-batch failed ({e}); "
                                "train without graphs: --cuda-graphs off") from e

@@ -249,6 +249,7 @@ def test_finished_run_is_not_overwritten(tmp_path):
     (["--scheduler", "step"], "invalid choice"),
     (["--cuda-graphs", "on", "--offload"], "--cuda-graphs on cannot record --offload"),
     (["--cuda-graphs", "on", "--dropout", "0.1"], "--cuda-graphs on cannot record --dropout"),
+    (["--cuda-graphs", "on", "--device", "cpu"], "--cuda-graphs on needs a CUDA GPU with bf16"),
 ])
 def test_bad_flags(args, message):
     r = run_train(["--model", "x", "--data", "y.jsonl", *args])
