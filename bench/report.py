@@ -141,21 +141,27 @@ def context_table(run_id: str, rows: list[dict]) -> str:
 
 
 def trainer_table(rows: list[dict]) -> str:
-    """trainer_speed.py's rows: `python -m minilora.train` per mode on variable-length, prompt-masked data."""
-    out = ["| run | shape | mode (flags) | label tokens/s | vs eager | median step (s) | peak allocated (GiB) "
-           "| last loss | steps (timed) |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        mode = f"{r['mode']} ({' '.join(r['flags']) or 'defaults'})"
-        if r.get("error"):
-            out.append(f"| `{r['run_id']}` | {r['shape']} | {mode} | {r['error']} |  |  |  |  |  |")
-            continue
-        out.append(f"| `{r['run_id']}` | {r['shape']} | {mode} | {_num(r['label_tokens_per_s'])} "
-                   f"| {_num(r.get('vs_eager'), '{:.2f}x')} | {r['step_s_median']:.3f} | {r['peak_allocated_gib']:.2f} "
-                   f"| {r['loss_last']:.4f} | {r['steps']} ({r['steps_timed']}) |")
-    r0 = rows[0]
-    return (f"On **{r0.get('gpu') or 'CPU'}**: examples of {r0['lengths'][0]}-{r0['lengths'][1]} tokens (a third "
-            f"prompt, masked), batch {r0['batch_size']} x {r0['grad_accum']} micro-batches; the first {r0['skip']} "
-            f"steps (compilation, graph recording) are left out.\n\n" + "\n".join(out) + "\n")
+    """trainer_speed.py's rows, one table per run: `python -m minilora.train` per mode on variable-length,
+    prompt-masked data."""
+    out = []
+    for run_id in dict.fromkeys(r["run_id"] for r in rows):
+        rs = [r for r in rows if r["run_id"] == run_id]
+        r0 = rs[0]
+        out += [f"Run `{run_id}` on **{r0.get('gpu') or 'CPU'}**, {r0['shape']}: examples of {r0['lengths'][0]}-"
+                f"{r0['lengths'][1]} tokens (a third prompt, masked), batch {r0['batch_size']} x {r0['grad_accum']} "
+                f"micro-batches, {r0['steps']} steps, the first {r0['skip']} left out.", "",
+                "| mode (flags) | label tokens/s | vs eager | median step (s) | peak allocated (GiB) | last loss |",
+                "|---|---:|---:|---:|---:|---:|"]
+        for r in rs:
+            mode = f"{r['mode']} ({' '.join(r['flags']) or 'defaults'})"
+            if r.get("error"):
+                out.append(f"| {mode} | {r['error']} |  |  |  |  |")
+                continue
+            out.append(f"| {mode} | {_num(r['label_tokens_per_s'])} | {_num(r.get('vs_eager'), '{:.2f}x')} "
+                       f"| {r['step_s_median']:.3f} | {r['peak_allocated_gib']:.2f} "
+                       f"| {_num(r.get('loss_last'), '{:.4f}')} |")
+        out.append("")
+    return "\n".join(out)
 
 
 def replace_between(text: str, name: str, body: str, where: Path) -> str:

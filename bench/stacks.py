@@ -94,7 +94,7 @@ def load_minilora(folder, s: Settings, mode: str = "minilora") -> Run:
     and train_step: the code `python -m minilora.train` runs."""
     from minilora.checkpoint import load_model
     from minilora.data import Example
-    from minilora.graphs import PAD_MULTIPLE, GraphedMicroBatches
+    from minilora.graphs import GraphedMicroBatches, bucket_length
     from minilora.lora import apply_lora
     from minilora.step import make_batch, setup_for_training, train_step
 
@@ -114,8 +114,9 @@ def load_minilora(folder, s: Settings, mode: str = "minilora") -> Run:
         else:
             ids = ids.to(s.device)
             batch = {"input_ids": ids, "labels": padded_labels(ids, lengths)}
-            if graphed and ids.shape[1] % PAD_MULTIPLE:  # as train.py pads for graphs
-                raise ValueError(f"minilora-graphs needs a sequence length that is a multiple of {PAD_MULTIPLE}")
+            if graphed and bucket_length(ids.shape[1]) != ids.shape[1]:  # train.py would pad it
+                raise ValueError(f"minilora-graphs: --seq {ids.shape[1]} is not a recorded length; the trainer "
+                                 f"would pad it to {bucket_length(ids.shape[1])}")
         loss, _ = train_step(model, [batch], autocast, graphs=run.graphs)
         return loss
 

@@ -2,7 +2,7 @@
 
 train_speed.py times one batch shape, every row full; a real fine-tune is not like that. Its
 examples have different lengths, a masked prompt, several micro-batches per step, and the
-trainer's own batching, logging and schedule around the step. This script writes an alpaca-style
+trainer's own loop around the step. This script writes an alpaca-style
 .jsonl of random words (instruction ~1/3, output ~2/3 of each example, lengths uniform in
 [MIN, MAX] words, one token per word with the benchmark checkpoints' word tokenizer), runs the
 trainer on it once per mode, and reads each run's metrics.jsonl:
@@ -11,6 +11,9 @@ trainer on it once per mode, and reads each run's metrics.jsonl:
 
 Label tokens (the output's, which carry the loss) are the same in every mode, since the data and its
 order are; padding and prompt tokens are not counted, so a mode that pads more is not flattered.
+A step's time is the trainer's `step_s`: forward, backward, clipping and the optimizer over the
+step's micro-batches (building them, logging and eval are outside it). With CUDA graphs, a padded
+length first met after the --skip steps is recorded inside the timed steps, as in a real run.
 
     python bench/trainer_speed.py --shape qwen-1.5b --modes eager,graphs --steps 30
 """
@@ -66,7 +69,8 @@ def main(argv=None):
     p.add_argument("--lengths", default="200:1800", metavar="MIN:MAX", help="words (= tokens) per example")
     p.add_argument("--examples", type=int, default=400)
     p.add_argument("--steps", type=int, default=30, help="optimizer steps per mode")
-    p.add_argument("--skip", type=int, default=5, help="first steps left out of the figures (compilation, recording)")
+    p.add_argument("--skip", type=int, default=5, help="first steps left out of the figures (compilation, most "
+                   "graph recordings)")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--grad-accum", type=int, default=4)
     p.add_argument("--device", default="cuda")
@@ -82,40 +86,48 @@ def main(argv=None):
     except (ValueError, AssertionError):
         p.error(f"--lengths: expected MIN:MAX with 1 <= MIN <= MAX, got {a.lengths!r}")
 
+    out_file = Path(a.out).resolve()
+    out_file.parent.mkdir(parents=True, exist_ok=True)
     rid, gpu, vers = start_run(torch.device(a.device))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    rows = []
     with tempfile.TemporaryDirectory() as work:
-        folder = shapes.checkpoint_folder(a.checkpoint, work, a.shape, device=a.device)
+        folder = shapes.checkpoint_folder(str(Path(a.checkpoint).resolve()) if a.checkpoint else "", work, a.shape,
+                                          device=a.device)
         data = Path(work) / "data.jsonl"
         write_data(data, a.examples, lo, hi)
-        rows = []
         for mode in modes:
-            out = Path(work) / f"run-{mode}"
+            run_dir = Path(work) / f"run-{mode}"
             cmd = [sys.executable, "-m", "minilora.train", "--model", str(folder), "--data", str(data),
                    "--max-steps", str(a.steps), "--batch-size", str(a.batch_size), "--grad-accum", str(a.grad_accum),
                    "--max-seq-len", str(hi + 64), "--eval-fraction", "0", "--device", a.device,
-                   "--output-dir", str(out), *MODES[mode]]
+                   "--output-dir", str(run_dir), *MODES[mode]]
             print(f"--- {mode}: {' '.join(cmd[1:])}", flush=True)
             row = {"run_id": rid, "gpu": gpu, "shape": a.shape, "mode": mode, "flags": MODES[mode], "lengths": [lo, hi],
                    "batch_size": a.batch_size, "grad_accum": a.grad_accum, "steps": a.steps, "skip": a.skip}
-            try:
-                subprocess.run(cmd, check=True, timeout=a.timeout, cwd=ROOT, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
-                row.update(summarize(out / "metrics.jsonl", a.skip))
-            except (subprocess.SubprocessError, SystemExit) as e:
+            try:  # the trainer's stdout goes to this log as it runs; its stderr is kept for the row's error
+                r = subprocess.run(cmd, timeout=a.timeout, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+                sys.stderr.write(r.stderr)
+                if r.returncode != 0:
+                    tail = [ln for ln in r.stderr.strip().splitlines() if ln.strip()][-2:]
+                    raise RuntimeError(f"exit code {r.returncode}: {' / '.join(tail) or 'no message'}")
+                row.update(summarize(run_dir / "metrics.jsonl", a.skip))
+            except (subprocess.SubprocessError, RuntimeError, OSError, ValueError, KeyError, SystemExit) as e:
                 row["error"] = str(e)
+            eager = next((x for x in rows + [row] if x["mode"] == "eager" and "error" not in x), None)
+            if eager and "error" not in row:
+                row["vs_eager"] = row["label_tokens_per_s"] / eager["label_tokens_per_s"]
+            row["versions"] = vers
             rows.append(row)
-            print(json.dumps(row), flush=True)
-    eager = next((r for r in rows if r["mode"] == "eager" and "error" not in r), None)
-    with open(a.out, "a") as f:
-        for r in rows:
-            if eager and "error" not in r:
-                r["vs_eager"] = r["label_tokens_per_s"] / eager["label_tokens_per_s"]
-            r["versions"] = vers
-            f.write(json.dumps(r) + "\n")
+            with open(out_file, "a") as f:  # row by row: a later mode's failure loses nothing
+                f.write(json.dumps(row) + "\n")
     for r in rows:
         print(f"{a.shape} {r['mode']:>8}: " + (r["error"] if "error" in r else
               f"{r['label_tokens_per_s']:,.0f} label tok/s, median step {r['step_s_median']:.3f}s, "
               f"peak {r['peak_allocated_gib']:.2f} GiB" + (f", {r['vs_eager']:.2f}x eager" if "vs_eager" in r else "")))
-
+    print(f"appended to {out_file} (run_id {rid})")
+    if any("error" in r for r in rows):
+        raise SystemExit(1)
 
 if __name__ == "__main__":
     main()

@@ -312,11 +312,12 @@ def show_example(ex: Example, tok: Tokenizer) -> str:
 
 # ----------------------------------------------------------------------------- batching
 
-def collate(examples: list[Example], pad_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example, rounded up to a multiple of `multiple` (a few fixed
-    shapes, for CUDA graphs). With right padding and causal attention, real tokens never see
-    pads, so no attention mask is needed; pad labels are IGNORE."""
-    T = -(-max(len(e.input_ids) for e in examples) // multiple) * multiple
+def collate(examples: list[Example], pad_id: int, pad_to=None) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example, or to `pad_to(longest)` (a few fixed shapes, for CUDA
+    graphs). With right padding and causal attention, real tokens never see pads, so no
+    attention mask is needed; pad labels are IGNORE."""
+    T = max(len(e.input_ids) for e in examples)
+    T = pad_to(T) if pad_to else T
     ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), T), IGNORE, dtype=torch.long)
     for i, e in enumerate(examples):

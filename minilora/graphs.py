@@ -9,20 +9,23 @@ included, and `replay()` runs them all back to back from one call.
 
 What a recording needs, and how it gets it here:
 - Fixed shapes and addresses. Each micro-batch shape (B, T) gets its own graph, reading static input
-  tensors that each batch is copied into; train.py pads T up to a multiple of `PAD_MULTIPLE`, so a
-  data set needs a handful of graphs. They share one memory pool: they run one at a time, and what
-  one leaves behind (the loss) is read before the next runs.
+  tensors that each batch is copied into; train.py pads T up to `bucket_length(T)` (a multiple of
+  256; past 2048 tokens, 8 lengths per doubling), so a data set needs a handful of graphs. They share
+  one memory pool: they run one at a time, and what one leaves behind (the loss) is read before the
+  next runs.
 - Nothing that waits for the GPU inside: the loss keeps every position, unlabelled ones weighing 0
   (loss.py's `every_position`; gathering the labelled rows needs their count on the host); the
   division by the step's label count N is a product with a static 1/N set before each replay; the
-  recompute saves no RNG state (refused with dropout, whose masks it would need).
+  checkpointed recomputes save no RNG state (reading it is refused during a recording), so
+  --dropout > 0, whose masks the recompute must redraw, is refused.
 - Gradients at fixed addresses: every trainable tensor's .grad is a static buffer that each replay
   adds into. `zero_grad(set_to_none=True)` drops them between steps; `__call__` puts them back, zeroed.
 - Warm-up before recording: two eager runs on a side stream compile the layers and create cuBLAS'
   workspace, as PyTorch's CUDA-graph notes ask, with the gradients saved and put back around them.
 
-Cost: a pool keeps the memory of a step's activations between replays (which the caching allocator
-keeps anyway), and each new shape costs two eager micro-batches and a recording, once.
+Cost: each new shape costs two eager micro-batches and a recording, once; the pool keeps the memory
+of the recorded steps' activations between replays, which measured 0.6 GiB (1.5B) and 0.8 GiB (8B)
+above the eager peak (bench/NOTES.md, section 9).
 Reference: tests/test_graphs.py compares losses and LoRA gradients with the eager step on a GPU.
 """
 from __future__ import annotations
@@ -31,7 +34,19 @@ import torch
 
 from .loss import causal_lm_loss
 
-PAD_MULTIPLE = 256  # train.py pads T to a multiple of this: at most max_seq_len / 256 graphs (8 at 2048)
+PAD_MULTIPLE = 256
+
+
+class GraphRecordingError(RuntimeError):
+    """A CUDA graph could not be recorded; the trainer saves a checkpoint and stops with advice."""
+
+
+def bucket_length(T: int) -> int:
+    """The length a micro-batch of longest example T is padded to, so that few shapes are recorded: a
+    multiple of 256, and past 2048 tokens a multiple of 1/16 of the next power of two (8 lengths per
+    doubling, at most 12.5% padding): 8 graphs up to 2048 tokens, 16 up to 4096, 64 up to 256k."""
+    step = max(PAD_MULTIPLE, 1 << max(0, (T - 1).bit_length() - 4))
+    return -(-T // step) * step
 
 
 class GraphedMicroBatches:
@@ -49,7 +64,7 @@ class GraphedMicroBatches:
         self._static_grads()
         shape = tuple(batch["input_ids"].shape)
         if shape not in self.recorded:
-            self.recorded[shape] = self._record(batch)
+            self.recorded[shape] = self._record(batch, inv_n)
         graph, ids, labels, scale, loss_sum = self.recorded[shape]
         ids.copy_(batch["input_ids"], non_blocking=True)
         labels.copy_(batch["labels"], non_blocking=True)
@@ -73,9 +88,9 @@ class GraphedMicroBatches:
         (loss_sum * scale).backward()
         return loss_sum.detach()
 
-    def _record(self, batch: dict) -> tuple:
+    def _record(self, batch: dict, inv_n: float) -> tuple:
         ids, labels = batch["input_ids"].clone(), batch["labels"].clone()
-        scale = torch.zeros((), dtype=torch.float32, device=ids.device)
+        scale = torch.full((), inv_n, dtype=torch.float32, device=ids.device)
         saved = [g.clone() for g in self.grads]  # the warm-up adds into them; this micro-batch's replay will
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -90,8 +105,8 @@ class GraphedMicroBatches:
         except torch.OutOfMemoryError:
             raise  # the trainer's out-of-memory advice applies as it is
         except RuntimeError as e:
-            raise RuntimeError(f"recording a CUDA graph of a {tuple(ids.shape)} micro-batch failed ({e}); "
-                               "train without graphs: --cuda-graphs off") from e
+            raise GraphRecordingError(f"recording a CUDA graph of a {tuple(ids.shape)} micro-batch failed: "
+                                      f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
         finally:
             for g, s in zip(self.grads, saved):
                 g.copy_(s)

@@ -47,11 +47,11 @@ class LinearCrossEntropy(torch.autograd.Function):
             keep = y[i: i + rows] != IGNORE  # (rows,): all True unless called with every position
             yi = torch.where(keep, y[i: i + rows], 0)  # an unlabelled row points at class 0, then weighs 0
             lse = torch.logsumexp(logits, dim=-1)  # (rows,)
-            total += ((lse - logits.gather(1, yi[:, None]).squeeze(1)) * keep).sum()
+            total += torch.where(keep, lse - logits.gather(1, yi[:, None]).squeeze(1), 0.0).sum()
             if need_grad:
                 probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
                 probs[torch.arange(len(yi), device=y.device), yi] -= 1.0  # - onehot(y)
-                grad_h[i: i + rows] = (probs.to(h.dtype) @ w) * keep[:, None]
+                grad_h[i: i + rows] = torch.where(keep[:, None], probs.to(h.dtype) @ w, 0.0)  # not 0 * inf
         ctx.save_for_backward(grad_h)
         return total
 

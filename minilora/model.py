@@ -223,7 +223,9 @@ class MLP(nn.Module):
     def swiglu_in_pieces(self, x, piece: int):
         if not torch.is_grad_enabled():
             return torch.cat([self.swiglu(xi) for xi in x.split(piece, dim=1)], dim=1)
-        return torch.cat([torch.utils.checkpoint.checkpoint(self.swiglu, xi, use_reentrant=False)
+        # swiglu draws no random numbers: no RNG state to save (a CUDA graph recording could not read it)
+        return torch.cat([torch.utils.checkpoint.checkpoint(self.swiglu, xi, use_reentrant=False,
+                                                            preserve_rng_state=False)
                           for xi in x.split(piece, dim=1)], dim=1)
 
 

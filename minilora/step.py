@@ -147,10 +147,10 @@ def rank_slice(mbs: list[list], rank: int, world: int) -> list[list]:
     return [mb[rank * len(mb) // world: (rank + 1) * len(mb) // world] for mb in mbs]
 
 
-def make_batch(examples, pad_id: int, device, padding_free: bool = False, multiple: int = 1) -> dict:
-    """One micro-batch on `device`: padded to its longest example (rounded up to `multiple`), or end
+def make_batch(examples, pad_id: int, device, padding_free: bool = False, pad_to=None) -> dict:
+    """One micro-batch on `device`: padded to its longest example (or to `pad_to(longest)`), or end
     to end in one row (packing.py)."""
-    b = packing.collate(examples) if padding_free else D.collate(examples, pad_id, multiple)
+    b = packing.collate(examples) if padding_free else D.collate(examples, pad_id, pad_to)
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
 
 
@@ -175,10 +175,12 @@ def train_step(model, batches: list[dict], autocast, scaler=None, n_total: int |
     gradients sum to the global mean and its gradient).
     With fp16, `scaler` multiplies the loss by its scale S before backward, so gradients
     too small for fp16 do not flush to zero; they are S times too large until `scaler.unscale_`.
-    `graphs` (graphs.GraphedMicroBatches) replays each micro-batch from a CUDA graph instead.
-    The losses are summed on the device and read once, so the host can queue the next
+    `graphs` (graphs.GraphedMicroBatches) replays each micro-batch from a CUDA graph instead;
+    then the losses, summed on the device and read once per step, let the host queue the next
     micro-batch while the GPU still works on this one.
     """
+    if graphs is not None and scaler is not None and scaler.is_enabled():
+        raise ValueError("CUDA graphs record the step without fp16 loss scaling; train in bf16 or without graphs.")
     n_total = label_tokens(batches) if n_total is None else n_total
     loss_total = torch.zeros((), dtype=torch.float32, device=batches[0]["labels"].device)
     for b in batches:

@@ -44,7 +44,7 @@ from huggingface_hub.utils import tqdm
 from . import data as D
 from . import distributed as dp
 from .checkpoint import adapter_config, default_dtype, load_model, resolve_model, save_adapter
-from .graphs import PAD_MULTIPLE, GraphedMicroBatches
+from .graphs import GraphedMicroBatches, GraphRecordingError, bucket_length
 from .lora import ALL_TARGETS, apply_lora, describe_trainable
 from .report import demo_report, oom_advice, plot_losses, print_demo_summary
 from .resume import (SAVE_ERRORS, find_resume, prepare_output, restore, rewind_metrics, rng_state, save_checkpoint,
@@ -99,7 +99,8 @@ class TrainConfig:
     compile: str = _f("auto", "torch.compile each decoder layer (fuses norms, RoPE, SwiGLU); auto: on CUDA only",
                       ("auto", "on", "off"))
     cuda_graphs: str = _f("auto", "replay each micro-batch's forward and backward from a CUDA graph: no per-kernel "
-                                  "host cost (1.5B: 2.4x the tokens/s); pads lengths to a multiple of 256 and computes "
+                                  "host cost (1.5B: 2.4x the tokens/s); pads lengths to a multiple of 256 (past 2048 "
+                                  "tokens, to one of 8 lengths per doubling) and computes "
                                   "the loss at prompt positions too (graphs.py). auto: on a CUDA GPU with bf16 unless "
                                   "--offload, --padding-free, --fsdp, --dropout > 0 or several processes",
                           ("auto", "on", "off"))
@@ -258,7 +259,8 @@ def validate(cfg: TrainConfig):
             "offload": "its host copies and host embedding lookups happen outside the GPU's stream.",
             "padding-free": "its row layout changes with every batch; graphs need a few fixed shapes.",
             "fsdp": "FSDP2's gathers run between the layers' kernels.",
-            "dropout": "the recompute would need the forward's RNG state, which a recording cannot save."}[other]
+            "dropout": "the checkpointed recompute must save the RNG state to redraw the same masks, and a "
+                       "recording cannot read it (without checkpointing, dropout in a graph is untested here)."}[other]
             + " Drop one of the two (--cuda-graphs auto does).")
     need(not (cfg.fsdp and cfg.compile == "on"), "--fsdp and --compile on: per-layer compile cannot trace FSDP2's "
          "gather/free hooks inside each layer here; use --compile off (or auto, which is off under --fsdp).")
@@ -456,7 +458,7 @@ def train_loop(run: Run) -> Run:
     cfg = run.cfg
     bar = tqdm(total=run.total_steps, initial=run.step, desc="training", unit="step", dynamic_ncols=True,
                disable=not dp.is_main())
-    batches, oom = [], None
+    batches, oom, no_graph = [], None, None
     try:
         if run.step == 0:
             before_training(run)
@@ -494,7 +496,13 @@ def train_loop(run: Run) -> Run:
         raise SystemExit(130)
     except torch.OutOfMemoryError as e:
         oom = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
+    except GraphRecordingError as e:  # a micro-batch length seen for the first time, maybe hundreds of steps in
+        no_graph = str(e)
     bar.close()
+    if no_graph is not None:
+        ck = checkpoint(run, together=False) if run.step > 0 else None
+        raise TrainingStopped(f"{no_graph}. " + (f"Saved {ck}; continue" if ck else "Start again") +
+                              " without CUDA graphs: --cuda-graphs off" + (" --resume." if ck else "."))
     if oom is not None:  # outside the except block, so the failed step's tensors are already freed
         longest = max((b["input_ids"].shape[1] for b in batches), default=None)
         batches = None
@@ -502,7 +510,8 @@ def train_loop(run: Run) -> Run:
         if run.device.type == "cuda":
             torch.cuda.empty_cache()
         ck = checkpoint(run, together=False) if run.step > 0 else None  # the other ranks may be mid-step
-        raise OutOfMemory(oom_advice(cfg, run.step, oom, longest, run.device, ck or run.last_ckpt))
+        raise OutOfMemory(oom_advice(cfg, run.step, oom, longest, run.device, ck or run.last_ckpt,
+                                     graphs=run.graphs is not None))
     checkpoint(run)  # the state after the last step, before the eval in finish() (a resume need not redo it)
     return run
 
@@ -526,8 +535,8 @@ def step_batches(run: Run) -> list[dict]:
     order = D.epoch_order(len(run.train), cfg.seed, epoch)
     mbs = rank_slice(micro_batches(run.train, order, offset, cfg.grad_accum, cfg.batch_size * world),
                      dp.rank(), world)
-    multiple = PAD_MULTIPLE if run.graphs else 1  # a few fixed shapes: one CUDA graph each
-    return [make_batch(mb, run.pad_id, run.device, cfg.padding_free, multiple) for mb in mbs]
+    pad_to = bucket_length if run.graphs else None  # a few fixed shapes: one CUDA graph each
+    return [make_batch(mb, run.pad_id, run.device, cfg.padding_free, pad_to) for mb in mbs]
 
 
 def optimizer_step(run: Run, batches: list[dict]) -> tuple[float, float, int, bool]:

@@ -239,3 +239,9 @@ def test_trainer_speed_runs_the_trainer_per_mode(tmp_path):
     bad = subprocess.run([sys.executable, "bench/trainer_speed.py", "--lengths", "9:3"], cwd=ROOT, env=_env(),
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--lengths" in bad.stderr
+    # a mode the trainer refuses: its row carries the trainer's own message, and the script exits 1
+    failed = subprocess.run([sys.executable, "bench/trainer_speed.py", "--shape", "tiny", "--device", "cpu", "--modes",
+                             "graphs", "--steps", "2", "--examples", "8", "--out", str(out), "--checkpoint",
+                             str(tmp_path / "ck")], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 1, (failed.stdout + failed.stderr)[-2000:]
+    assert "--cuda-graphs on needs a CUDA GPU" in _rows(out)[-1]["error"]

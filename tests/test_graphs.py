@@ -17,7 +17,7 @@ def test_every_position_loss_equals_cross_entropy(tmp_path):
     """No gathering of labelled rows, pads to a multiple of 16: the same sum and gradients as torch's CE."""
     tiny_hf_model(tmp_path / "m", "qwen2")
     model = lora_model(tmp_path / "m")
-    b = D.collate(uneven_batch(), pad_id=0, multiple=16)
+    b = D.collate(uneven_batch(), pad_id=0, pad_to=lambda t: -(-t // 16) * 16)
     assert b["input_ids"].shape[1] == 32  # longest example 26 -> 32
     h = model.model(b["input_ids"])
     ours, n = causal_lm_loss(h, model.lm_head.weight, b["labels"], rows=7, every_position=True)
@@ -31,46 +31,44 @@ def test_every_position_loss_equals_cross_entropy(tmp_path):
         torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("checkpointing", [True, False])
-def test_graphed_steps_equal_eager_steps(tmp_path, checkpointing):
-    """Three optimizer steps of 2 micro-batches (two shapes, so two recordings, one replayed again),
-    NF4 base, compiled layers, flat optimizer: losses, gradients and weights as eager."""
+def _lora_model_on_gpu(folder, checkpointing):
+    from minilora.checkpoint import load_model
+    from minilora.lora import apply_lora
+    from minilora.step import setup_for_training
+
+    model = load_model(folder, device="cuda", dtype=torch.bfloat16, quantize="nf4", progress=False)
+    torch.manual_seed(0)
+    apply_lora(model, r=16, alpha=16)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)  # B = 0 would give A no gradient
+    setup_for_training(model, gradient_checkpointing=checkpointing, compile="on", device="cuda")
+    return model
+
+
+def _three_steps(model, mbs, pads, graphed):
+    """Three optimizer steps over the micro-batches `mbs`, padded by pads[step]; losses, gradients, weights."""
     from minilora.graphs import GraphedMicroBatches
-    from minilora.step import flatten_for_optimizer, make_batch, make_optimizer, setup_for_training, train_step
+    from minilora.step import flatten_for_optimizer, make_batch, make_optimizer, train_step
     from minilora.train import TrainConfig
 
-    tiny_hf_model(tmp_path / "m", "llama", hidden_size=256, intermediate_size=512, vocab_size=512)
-    ex = uneven_batch(n=8, vocab=512)
-    mbs = [[ex[0], ex[7]], [ex[1], ex[2]]]  # longest 26 and 11 tokens: (2, 256) in steps 1-2, (2, 32) in step 3
-    runs = []
-    for graphed in (False, True):
-        from minilora.checkpoint import load_model
-        from minilora.lora import apply_lora
+    params = flatten_for_optimizer([p for p in model.parameters() if p.requires_grad])
+    opt = make_optimizer(params, TrainConfig(optim="adamw"))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    graphs = GraphedMicroBatches(model, params, autocast) if graphed else None
+    losses, grads = [], []
+    for step in range(3):
+        batches = [make_batch(mb, 0, "cuda", pad_to=pads[step]) for mb in mbs]
+        loss, _ = train_step(model, batches, autocast, graphs=graphs)
+        losses.append(loss)
+        grads.append([p.grad.clone() for p in params])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return losses, grads, [p.detach().clone() for p in params], graphs
 
-        model = load_model(tmp_path / "m", device="cuda", dtype=torch.bfloat16, quantize="nf4", progress=False)
-        torch.manual_seed(0)
-        apply_lora(model, r=16, alpha=16)
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                torch.nn.init.normal_(p, std=0.02)
-        setup_for_training(model, gradient_checkpointing=checkpointing, compile="on", device="cuda")
-        params = flatten_for_optimizer([p for p in model.parameters() if p.requires_grad])
-        opt = make_optimizer(params, TrainConfig(optim="adamw"))
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16)
-        graphs = GraphedMicroBatches(model, params, autocast) if graphed else None
-        losses, grads = [], []
-        for step in range(3):
-            batches = [make_batch(mb, 0, "cuda", multiple=256 if step < 2 else 32) for mb in mbs]
-            loss, _ = train_step(model, batches, autocast, graphs=graphs)
-            losses.append(loss)
-            grads.append([p.grad.clone() for p in params])
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        if graphed:
-            assert len(graphs.recorded) == 2
-        runs.append((losses, grads, [p.detach().clone() for p in params]))
-    (l_eager, g_eager, w_eager), (l_graph, g_graph, w_graph) = runs
+
+def _assert_same(eager, graphed):
+    (l_eager, g_eager, w_eager, _), (l_graph, g_graph, w_graph, _) = eager, graphed
     for a, b in zip(l_eager, l_graph):
         assert abs(a - b) < 1e-3 * abs(a), (l_eager, l_graph)
     for ga, gb in zip(g_eager, g_graph):
@@ -78,3 +76,48 @@ def test_graphed_steps_equal_eager_steps(tmp_path, checkpointing):
             torch.testing.assert_close(b, a, atol=1e-4, rtol=2e-2)
     for a, b in zip(w_eager, w_graph):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-3)
+
+
+def _multiple(m):
+    return lambda t: -(-t // m) * m
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_graphed_steps_equal_eager_steps(tmp_path, checkpointing):
+    """Three optimizer steps of 2 micro-batches, NF4 base, compiled layers, flat optimizer: losses,
+    gradients and weights as eager. Steps 1-2 pad both micro-batches to 256 (one recording, replayed);
+    step 3 pads to multiples of 16, so its second micro-batch is recorded after the first one's gradients
+    are in the buffers, which the recording's warm-up must leave as they were."""
+    tiny_hf_model(tmp_path / "m", "llama", hidden_size=256, intermediate_size=512, vocab_size=512)
+    ex = uneven_batch(n=8, vocab=512)
+    mbs = [[ex[0], ex[7]], [ex[1], ex[2]]]  # longest 26 and 11 tokens
+    pads = [_multiple(256), _multiple(256), _multiple(16)]  # step 3: (2, 32) and (2, 16), both new
+    runs = [_three_steps(_lora_model_on_gpu(tmp_path / "m", checkpointing), mbs, pads, graphed)
+            for graphed in (False, True)]
+    assert len(runs[1][3].recorded) == 3
+    _assert_same(*runs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graphed_steps_with_the_mlp_in_pieces(tmp_path, monkeypatch):
+    """Sequences longer than MLP_CHUNK_TOKENS run the MLP in checkpointed pieces; those must record too."""
+    import minilora.model as M
+
+    monkeypatch.setattr(M, "MLP_CHUNK_TOKENS", 16)
+    tiny_hf_model(tmp_path / "m", "llama", hidden_size=256, intermediate_size=512, vocab_size=512)
+    ex = uneven_batch(n=8, vocab=512)
+    mbs = [[ex[6], ex[7]]]  # 23 and 26 tokens, padded to 32: the MLP in four pieces of 8
+    pads = [_multiple(32)] * 3
+    _assert_same(*(_three_steps(_lora_model_on_gpu(tmp_path / "m", True), mbs, pads, graphed)
+                   for graphed in (False, True)))
+
+
+def test_bucket_lengths():
+    """8 padded lengths up to 2048, then 8 per doubling, never more than 12.5% padding past 2048."""
+    from minilora.graphs import bucket_length
+
+    assert sorted({bucket_length(t) for t in range(1, 2049)}) == list(range(256, 2049, 256))
+    assert len({bucket_length(t) for t in range(2049, 4097)}) == 8
+    for t in range(2049, 300_000, 997):
+        assert t <= bucket_length(t) <= t * 1.125
