@@ -56,7 +56,7 @@ class GraphedMicroBatches:
 
     def __init__(self, model, params: list[torch.Tensor], autocast, warmup: int = 2):
         self.model, self.params, self.autocast, self.warmup = model, params, autocast, warmup
-        self.recorded: dict[tuple[int, int], tuple] = {}  # (B, T) -> (graph, ids, labels, inv_n, loss_sum)
+        self.recorded: dict[tuple[int, int], tuple] = {}  # (B, T) -> (graph, ids, labels, scale, loss_sum)
         self.pool = torch.cuda.graph_pool_handle()
         self.grads = [torch.zeros_like(p) for p in params]
 
@@ -92,14 +92,14 @@ class GraphedMicroBatches:
         ids, labels = batch["input_ids"].clone(), batch["labels"].clone()
         scale = torch.full((), inv_n, dtype=torch.float32, device=ids.device)
         saved = [g.clone() for g in self.grads]  # the warm-up adds into them; this micro-batch's replay will
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                self._forward_backward(ids, labels, scale)
-        torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    self._forward_backward(ids, labels, scale)
+            torch.cuda.current_stream().wait_stream(side)
             with torch.cuda.graph(graph, pool=self.pool):
                 loss_sum = self._forward_backward(ids, labels, scale)
         except torch.OutOfMemoryError:
