@@ -218,6 +218,22 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     return cfg
 
 
+# The flags a CUDA graph recording cannot hold, and why (graphs.py).
+GRAPH_CLASHES = {
+    "offload": "its host copies and host embedding lookups happen outside the GPU's stream.",
+    "padding-free": "its row layout changes with every batch; graphs need a few fixed shapes.",
+    "fsdp": "FSDP2's gathers run between the layers' kernels.",
+    "dropout": "the checkpointed recompute must save the RNG state to redraw the same masks, and a recording "
+               "cannot read it (without checkpointing, dropout in a graph is untested here).",
+}
+
+
+def graph_clashes(cfg: TrainConfig) -> list[str]:
+    """The GRAPH_CLASHES flags this run sets."""
+    set_ = {"offload": cfg.offload, "padding-free": cfg.padding_free, "fsdp": cfg.fsdp, "dropout": cfg.dropout > 0}
+    return [name for name in GRAPH_CLASHES if set_[name]]
+
+
 def validate(cfg: TrainConfig):
     def need(ok, msg):
         if not ok:
@@ -253,15 +269,9 @@ def validate(cfg: TrainConfig):
          "(no --model, no --data) generates answers rank by rank, which sharded weights cannot serve. Give --model "
          "and --data, or drop --fsdp.")
     need(not (cfg.fsdp and cfg.no_4bit), "--fsdp shards the 4-bit base weights; it does not work with --no-4bit.")
-    for other, clash in (("offload", cfg.offload), ("padding-free", cfg.padding_free), ("fsdp", cfg.fsdp),
-                         ("dropout", cfg.dropout > 0)):
-        need(not (cfg.cuda_graphs == "on" and clash), f"--cuda-graphs on cannot record --{other}: " + {
-            "offload": "its host copies and host embedding lookups happen outside the GPU's stream.",
-            "padding-free": "its row layout changes with every batch; graphs need a few fixed shapes.",
-            "fsdp": "FSDP2's gathers run between the layers' kernels.",
-            "dropout": "the checkpointed recompute must save the RNG state to redraw the same masks, and a "
-                       "recording cannot read it (without checkpointing, dropout in a graph is untested here)."}[other]
-            + " Drop one of the two (--cuda-graphs auto does).")
+    for other in graph_clashes(cfg):
+        need(cfg.cuda_graphs != "on", f"--cuda-graphs on cannot record --{other}: {GRAPH_CLASHES[other]} "
+             "Drop one of the two (--cuda-graphs auto does).")
     need(not (cfg.fsdp and cfg.compile == "on"), "--fsdp and --compile on: per-layer compile cannot trace FSDP2's "
          "gather/free hooks inside each layer here; use --compile off (or auto, which is off under --fsdp).")
 
@@ -357,8 +367,8 @@ def use_cuda_graphs(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) 
     if cfg.cuda_graphs == "on" and not fits:
         raise UsageError(f"--cuda-graphs on needs a CUDA GPU with bf16 (this run trains on {device} in {dtype}); "
                          "use --cuda-graphs off.")
-    others = cfg.offload or cfg.padding_free or cfg.fsdp or cfg.dropout > 0 or dp.world() > 1
-    return cfg.cuda_graphs == "on" or (cfg.cuda_graphs == "auto" and fits and not others)
+    return cfg.cuda_graphs == "on" or (cfg.cuda_graphs == "auto" and fits and not graph_clashes(cfg)
+                                       and dp.world() == 1)
 
 
 def pick_device(name: str) -> torch.device:
