@@ -26,14 +26,16 @@ from typing import Callable
 
 import torch
 
-STACKS = ("minilora", "minilora-fast", "minilora-lean", "minilora-padfree", "minilora-graphs", "peft", "unsloth")
+STACKS = ("minilora", "minilora-fast", "minilora-lean", "minilora-padfree", "minilora-graphs", "minilora-fast-graphs",
+          "peft", "unsloth")
 # minilora's modes (train.py flags): minilora = --gradient-checkpointing --cuda-graphs off;
 # fast = --no-gradient-checkpointing (keep every activation, no recompute); lean = --offload (layer inputs and embedding table in host memory);
 # padfree = --padding-free (a batch's rows end to end, no pad tokens; the same as minilora on full rows);
 # graphs = --cuda-graphs on (each micro-batch's forward and backward replayed from a CUDA graph, graphs.py; the
-# trainer's default on a GPU, --cuda-graphs auto).
+# trainer's default on a GPU, --cuda-graphs auto); fast-graphs = both (what --no-gradient-checkpointing gives on a GPU).
 MINILORA_MODES = {"minilora": {}, "minilora-fast": {"gradient_checkpointing": False}, "minilora-lean": {"offload": True},
-                  "minilora-padfree": {"padding_free": True}, "minilora-graphs": {"cuda_graphs": True}}
+                  "minilora-padfree": {"padding_free": True}, "minilora-graphs": {"cuda_graphs": True},
+                  "minilora-fast-graphs": {"gradient_checkpointing": False, "cuda_graphs": True}}
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # minilora's ALL_TARGETS
 
 

@@ -325,9 +325,9 @@ def ratio(a, b):
 
 
 def compare(rows: list[dict]):
-    """loss_match against minilora's first loss, and each row's ratios to peft and unsloth."""
+    """loss_match against minilora's first loss (or the first minilora mode's), and each row's ratios to peft and unsloth."""
     ok = {r["stack"]: r for r in rows if not r.get("error")}
-    ref = ok.get("minilora")
+    ref = ok.get("minilora") or next((r for s, r in ok.items() if s.startswith("minilora")), None)
     for r in rows:
         r["loss_match"] = r["loss_rel_diff"] = None
         if ref and not r.get("error"):
@@ -388,7 +388,8 @@ def main(argv=None):
                        "labels": "all real tokens (labels = input_ids, pads unlabelled)",
                        "isolated": a.isolate == "on",
                        **{k: None for k in FIGURES}, **figures}
-                fpt = stacks.flops_per_token(cfg, flops_seq, a.checkpointing == "on" and stack != "minilora-fast")
+                recompute = stacks.MINILORA_MODES.get(stack, {}).get("gradient_checkpointing", a.checkpointing == "on")
+                fpt = stacks.flops_per_token(cfg, flops_seq, recompute)
                 row["flops_per_token"] = fpt
                 row["mfu"] = (row["tokens_per_s"] * fpt / (tflops * 1e12)) if row["tokens_per_s"] else None
                 row.update(matmul_tflops=tflops, device=device.type, gpu=gpu, versions=vers)
