@@ -17,14 +17,15 @@ import os
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-STACK_ORDER = ("minilora-graphs", "minilora", "minilora-fast-graphs", "minilora-fast", "minilora-lean", "minilora-padfree", "peft", "unsloth")
+STACK_ORDER = ("minilora-graphs", "minilora", "minilora-fast-graphs", "minilora-fast", "minilora-lean", "minilora-padfree", "peft", "peft-fast", "unsloth")
 COLORS = {"minilora-graphs": "#0b2f4f", "minilora": "#2b7bba", "minilora-fast": "#1b4f7a", "minilora-fast-graphs": "#123a5c", "minilora-lean": "#7fb3e0",
-          "minilora-padfree": "#9ecae1", "peft": "#e08a2c", "unsloth": "#3a9e5c"}
+          "minilora-padfree": "#9ecae1", "peft": "#e08a2c", "peft-fast": "#b8651a", "unsloth": "#3a9e5c"}
 MODES = {"minilora": "minilora: --cuda-graphs off", "minilora-graphs": "minilora-graphs: each micro-batch replayed "
          "from a CUDA graph, the trainer's default on a GPU", "minilora-fast": "minilora-fast: no checkpointing",
          "minilora-fast-graphs": "minilora-fast-graphs: no checkpointing, CUDA graphs (the trainer's fast mode on a GPU)",
          "minilora-lean": "minilora-lean: layer inputs and the embedding table in host memory",
-         "minilora-padfree": "minilora-padfree: rows end to end, no padding"}
+         "minilora-padfree": "minilora-padfree: rows end to end, no padding",
+         "peft-fast": "peft-fast: peft without checkpointing"}
 
 
 def read_run(path, run_id: str | None = None) -> tuple[str, list[dict]]:
@@ -72,10 +73,11 @@ def _peak(r):
 
 def _ratio_line(rows) -> str:
     lines = []
+    ran = {r["stack"] for r in rows}
     for mine in (r for r in rows if r["stack"].startswith("minilora") and not r.get("error")):
         parts = []
-        for peer in ("peft", "unsloth"):
-            v = mine.get(f"vs_{peer}")
+        for peer in ("peft", "unsloth") + (("peft-fast",) if "peft-fast" in ran else ()):
+            v = mine.get(f"vs_{peer.replace('-', '_')}")
             if v:
                 mem = f", {v['peak_allocated']:.2f}x the peak memory" if v.get("peak_allocated") else ""
                 parts.append(f"**{mine['stack']} / {peer}: {v['tokens_per_s']:.2f}x the tokens/s{mem}**")

@@ -21,13 +21,14 @@ benchmarks, which only write checkpoints and collect rows, stay light.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 STACKS = ("minilora", "minilora-fast", "minilora-lean", "minilora-padfree", "minilora-graphs", "minilora-fast-graphs",
-          "peft", "unsloth")
+          "peft", "peft-fast", "unsloth")
 # minilora's modes (train.py flags): minilora = --gradient-checkpointing --cuda-graphs off;
 # fast = --no-gradient-checkpointing (keep every activation, no recompute); lean = --offload (layer inputs and embedding table in host memory);
 # padfree = --padding-free (a batch's rows end to end, no pad tokens; the same as minilora on full rows);
@@ -36,6 +37,9 @@ STACKS = ("minilora", "minilora-fast", "minilora-lean", "minilora-padfree", "min
 MINILORA_MODES = {"minilora": {}, "minilora-fast": {"gradient_checkpointing": False}, "minilora-lean": {"offload": True},
                   "minilora-padfree": {"padding_free": True}, "minilora-graphs": {"cuda_graphs": True},
                   "minilora-fast-graphs": {"gradient_checkpointing": False, "cuda_graphs": True}}
+# peft-fast = peft without gradient checkpointing: shared/GPU.md's peft reference for the 1.5B shape (13,196 tok/s
+# at 25.5 GiB) has the memory of a run that keeps every activation, not of peft's recompute (~9 GiB here).
+NO_RECOMPUTE = ("minilora-fast", "minilora-fast-graphs", "peft-fast")  # whatever --checkpointing says
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # minilora's ALL_TARGETS
 
 
@@ -199,15 +203,20 @@ def import_stack(stack: str):
     import minilora.checkpoint  # noqa: F401
     import minilora.train  # noqa: F401
 
-    if stack == "peft":
+    if stack.startswith("peft"):
         import peft  # noqa: F401
         from transformers import AutoModelForCausalLM  # noqa: F401
     elif stack == "unsloth":
         import unsloth  # noqa: F401
 
 
+def recomputes(stack: str, s: Settings) -> bool:
+    return s.checkpointing and stack not in NO_RECOMPUTE
+
+
 def load(stack: str, folder, s: Settings) -> Run:
-    loaders = {"peft": load_peft, "unsloth": load_unsloth}
+    loaders = {"peft": load_peft, "peft-fast": load_peft, "unsloth": load_unsloth}
+    s = dataclasses.replace(s, checkpointing=recomputes(stack, s))
     if stack in MINILORA_MODES:
         return load_minilora(folder, s, stack)
     if stack not in loaders:

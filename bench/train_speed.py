@@ -324,6 +324,9 @@ def ratio(a, b):
     return a / b if a is not None and b else None
 
 
+PEERS = ("peft", "peft-fast", "unsloth")  # each row gets its ratios to these: vs_peft, vs_peft_fast, vs_unsloth
+
+
 def compare(rows: list[dict]):
     """loss_match against minilora's first loss (or the first minilora mode's), and each row's ratios to peft and unsloth."""
     ok = {r["stack"]: r for r in rows if not r.get("error")}
@@ -337,9 +340,9 @@ def compare(rows: list[dict]):
                 print(f"WARNING: {r['shape']}: {r['stack']}'s first loss {r['loss_first']:.5f} differs from "
                       f"minilora's {ref['loss_first']:.5f} by {100 * r['loss_rel_diff']:.2f}% (> 1%): the stacks "
                       "are not training the same thing, and their speeds are not comparable.", flush=True)
-        for peer in ("peft", "unsloth"):
+        for peer in PEERS:
             p = ok.get(peer)
-            r[f"vs_{peer}"] = None if r.get("error") or not p or peer == r["stack"] else {
+            r[f"vs_{peer.replace('-', '_')}"] = None if r.get("error") or not p or peer == r["stack"] else {
                 "tokens_per_s": ratio(r["tokens_per_s"], p["tokens_per_s"]),
                 "peak_allocated": ratio(r["peak_allocated_gib"], p["peak_allocated_gib"]),
                 "peak_reserved": ratio(r["peak_reserved_gib"], p["peak_reserved_gib"])}
@@ -388,7 +391,7 @@ def main(argv=None):
                        "labels": "all real tokens (labels = input_ids, pads unlabelled)",
                        "isolated": a.isolate == "on",
                        **{k: None for k in FIGURES}, **figures}
-                recompute = stacks.MINILORA_MODES.get(stack, {}).get("gradient_checkpointing", a.checkpointing == "on")
+                recompute = stacks.recomputes(stack, stacks.Settings(checkpointing=a.checkpointing == "on"))
                 fpt = stacks.flops_per_token(cfg, flops_seq, recompute)
                 row["flops_per_token"] = fpt
                 row["mfu"] = (row["tokens_per_s"] * fpt / (tflops * 1e12)) if row["tokens_per_s"] else None

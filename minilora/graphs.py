@@ -84,7 +84,8 @@ class GraphedMicroBatches:
     def _forward_backward(self, ids, labels, scale) -> torch.Tensor:
         with self.autocast:
             hidden = self.model.model(ids)
-            loss_sum, _ = causal_lm_loss(hidden, self.model.lm_head.weight, labels, every_position=True)
+            loss_sum, _ = causal_lm_loss(hidden, self.model.lm_head.weight, labels, every_position=True,
+                                         compiled=self.model.compile_loss)
         (loss_sum * scale).backward()
         return loss_sum.detach()
 

@@ -288,6 +288,7 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.compile_loss = False  # the training loss fuses its elementwise work with torch.compile (loss.py)
 
     def forward(self, input_ids, positions=None, mask=None, cache_pos: int = 0) -> torch.Tensor:
         """Logits (B, T, vocab). Training uses `model.model` + a chunked loss instead (see loss.py)."""

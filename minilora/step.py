@@ -28,7 +28,8 @@ def setup_for_training(model, *, gradient_checkpointing: bool, compile: str, dev
     """Memory and speed switches, in one place: per-layer recompute, host offload, regional torch.compile.
 
     Compiling each decoder layer (not the whole model) keeps compile time to one layer's
-    graph, reused 28-32 times; it fuses the elementwise work between the matmuls.
+    graph, reused 28-32 times; it fuses the elementwise work between the matmuls. The loss's
+    per-chunk softmax is compiled alongside (loss.py).
     """
     from .offload import HostEmbedding, HostOffloader
 
@@ -41,6 +42,7 @@ def setup_for_training(model, *, gradient_checkpointing: bool, compile: str, dev
     if compile == "on" or (compile == "auto" and torch.device(device).type == "cuda"):
         for layer in model.model.layers:
             layer.compile()
+        model.compile_loss = True
     model.train()
 
 
@@ -189,7 +191,7 @@ def train_step(model, batches: list[dict], autocast, scaler=None, n_total: int |
             continue
         with autocast:
             hidden = hidden_states(model, b)
-            loss_sum, _ = causal_lm_loss(hidden, model.lm_head.weight, b["labels"])
+            loss_sum, _ = causal_lm_loss(hidden, model.lm_head.weight, b["labels"], compiled=model.compile_loss)
         loss = loss_sum / max(n_total, 1)
         (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_total += loss_sum.detach().float()
@@ -205,7 +207,8 @@ def evaluate(model, examples, batch_size, pad_id, device, autocast, padding_free
     for i in range(0, len(examples), batch_size):
         b = make_batch(examples[i: i + batch_size], pad_id, device, padding_free)
         with autocast:
-            s, c = causal_lm_loss(hidden_states(model, b), model.lm_head.weight, b["labels"])
+            s, c = causal_lm_loss(hidden_states(model, b), model.lm_head.weight, b["labels"],
+                                  compiled=model.compile_loss)
         loss, n = loss + s.item(), n + c
     model.train(was_training)
     return loss / max(n, 1)

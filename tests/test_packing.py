@@ -98,7 +98,7 @@ def test_evaluate_runs_without_autograd(tmp_path, monkeypatch):
     tiny_hf_model(tmp_path / "m", "llama", num_hidden_layers=1)
     model = model_for(tmp_path / "m")
     modes, real = [], step.causal_lm_loss
-    monkeypatch.setattr(step, "causal_lm_loss", lambda *a: modes.append(torch.is_grad_enabled()) or real(*a))
+    monkeypatch.setattr(step, "causal_lm_loss", lambda *a, **kw: modes.append(torch.is_grad_enabled()) or real(*a, **kw))
     for padding_free in (False, True):
         loss = step.evaluate(model, examples(), 2, 0, "cpu", OFF, padding_free)
         assert loss > 0

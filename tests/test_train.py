@@ -41,15 +41,21 @@ def uneven_batch(n=8, vocab=128, seed=0):
     return examples
 
 
-def test_chunked_loss_equals_full_logits_cross_entropy(tmp_path):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_chunked_loss_equals_full_logits_cross_entropy(tmp_path, compiled):
+    """The chunked loss and its dL/dh against torch's cross-entropy on full logits; compiled: the chunk's
+    softmax fused by torch.compile (the GPU trainer's path), here through inductor's CPU backend."""
     tiny_hf_model(tmp_path / "m", "qwen2")
     model = lora_model(tmp_path / "m")
     b = D.collate(uneven_batch(), pad_id=0)
     h = model.model(b["input_ids"])
-    ours, n = causal_lm_loss(h, model.lm_head.weight, b["labels"], rows=7)  # several chunks
+    ours, n = causal_lm_loss(h, model.lm_head.weight, b["labels"], rows=7, compiled=compiled)  # several chunks
     ref, n_ref = reference_loss(model.lm_head(h), b["labels"])
     assert n == n_ref
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-5)
+    with torch.no_grad():  # the eval path: the loss alone
+        torch.testing.assert_close(causal_lm_loss(h, model.lm_head.weight, b["labels"], rows=7, compiled=compiled)[0],
+                                   ref, atol=1e-4, rtol=1e-5)
     g_ours = torch.autograd.grad(ours, [p for p in model.parameters() if p.requires_grad], retain_graph=True)
     g_ref = torch.autograd.grad(ref, [p for p in model.parameters() if p.requires_grad])
     for a, r in zip(g_ours, g_ref):
