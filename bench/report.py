@@ -17,14 +17,15 @@ import os
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-STACK_ORDER = ("minilora-graphs", "minilora", "minilora-fast-graphs", "minilora-fast", "minilora-lean", "minilora-padfree", "peft", "peft-fast", "unsloth")
-COLORS = {"minilora-graphs": "#0b2f4f", "minilora": "#2b7bba", "minilora-fast": "#1b4f7a", "minilora-fast-graphs": "#123a5c", "minilora-lean": "#7fb3e0",
+STACK_ORDER = ("minilora-graphs", "minilora", "minilora-fast-graphs", "minilora-fast", "minilora-lean-graphs", "minilora-lean", "minilora-padfree", "peft", "peft-fast", "unsloth")
+COLORS = {"minilora-graphs": "#0b2f4f", "minilora": "#2b7bba", "minilora-fast": "#1b4f7a", "minilora-fast-graphs": "#123a5c", "minilora-lean-graphs": "#5a93c8", "minilora-lean": "#7fb3e0",
           "minilora-padfree": "#9ecae1", "peft": "#e08a2c", "peft-fast": "#b8651a", "unsloth": "#3a9e5c"}
 MODES = {"minilora": "minilora: --cuda-graphs off", "minilora-graphs": "minilora-graphs: each micro-batch replayed "
          "from a CUDA graph, the trainer's default on a GPU", "minilora-fast": "minilora-fast: no checkpointing",
          "minilora-fast-graphs": "minilora-fast-graphs: no checkpointing, CUDA graphs (the trainer's fast mode on a GPU)",
          "minilora-lean": "minilora-lean: layer inputs and the embedding table in host memory",
          "minilora-padfree": "minilora-padfree: rows end to end, no padding",
+         "minilora-lean-graphs": "minilora-lean-graphs: --offload with CUDA graphs (the trainer's lean mode on a GPU)",
          "peft-fast": "peft-fast: peft without checkpointing"}
 
 

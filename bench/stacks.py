@@ -28,15 +28,17 @@ from typing import Callable
 import torch
 
 STACKS = ("minilora", "minilora-fast", "minilora-lean", "minilora-padfree", "minilora-graphs", "minilora-fast-graphs",
-          "peft", "peft-fast", "unsloth")
+          "minilora-lean-graphs", "peft", "peft-fast", "unsloth")
 # minilora's modes (train.py flags): minilora = --gradient-checkpointing --cuda-graphs off;
 # fast = --no-gradient-checkpointing (keep every activation, no recompute); lean = --offload (layer inputs and embedding table in host memory);
 # padfree = --padding-free (a batch's rows end to end, no pad tokens; the same as minilora on full rows);
 # graphs = --cuda-graphs on (each micro-batch's forward and backward replayed from a CUDA graph, graphs.py; the
-# trainer's default on a GPU, --cuda-graphs auto); fast-graphs = both (what --no-gradient-checkpointing gives on a GPU).
+# trainer's default on a GPU, --cuda-graphs auto); fast-graphs and lean-graphs: what --no-gradient-checkpointing and
+# --offload give on a GPU.
 MINILORA_MODES = {"minilora": {}, "minilora-fast": {"gradient_checkpointing": False}, "minilora-lean": {"offload": True},
                   "minilora-padfree": {"padding_free": True}, "minilora-graphs": {"cuda_graphs": True},
-                  "minilora-fast-graphs": {"gradient_checkpointing": False, "cuda_graphs": True}}
+                  "minilora-fast-graphs": {"gradient_checkpointing": False, "cuda_graphs": True},
+                  "minilora-lean-graphs": {"offload": True, "cuda_graphs": True}}
 # peft-fast = peft without gradient checkpointing: shared/GPU.md's peft reference for the 1.5B shape (13,196 tok/s
 # at 25.5 GiB) has the memory of a run that keeps every activation, not of peft's recompute (~9 GiB here).
 NO_RECOMPUTE = ("minilora-fast", "minilora-fast-graphs", "peft-fast")  # whatever --checkpointing says
@@ -102,6 +104,7 @@ def load_minilora(folder, s: Settings, mode: str = "minilora") -> Run:
     from minilora.data import Example
     from minilora.graphs import GraphedMicroBatches, bucket_length
     from minilora.lora import apply_lora
+    from minilora.offload import host_embedding
     from minilora.step import make_batch, setup_for_training, train_step
 
     model = load_model(folder, device=s.device, dtype=s.dtype, quantize="nf4", double_quant=True, progress=False)
@@ -116,10 +119,13 @@ def load_minilora(folder, s: Settings, mode: str = "minilora") -> Run:
     def loss_backward(ids, lengths=None):
         if padding_free and lengths:
             rows = [row[:n].tolist() for row, n in zip(ids, lengths)]  # ids on the host (train_speed.py)
-            batch = make_batch([Example(r, r) for r in rows], 0, torch.device(s.device), padding_free=True)
+            batch = make_batch([Example(r, r) for r in rows], 0, torch.device(s.device), padding_free=True,
+                               host_embedding=host_embedding(model))
         else:
-            ids = ids.to(s.device)
-            batch = {"input_ids": ids, "labels": padded_labels(ids, lengths)}
+            on_device = ids.to(s.device)
+            batch = {"input_ids": on_device, "labels": padded_labels(on_device, lengths)}
+            if host_embedding(model) is not None:  # lean: rows looked up from the host's ids, as make_batch does
+                batch["inputs_embeds"] = host_embedding(model)(ids)
             if graphed and bucket_length(ids.shape[1]) != ids.shape[1]:  # train.py would pad it
                 raise ValueError(f"minilora-graphs: --seq {ids.shape[1]} is not a recorded length; the trainer "
                                  f"would pad it to {bucket_length(ids.shape[1])}")

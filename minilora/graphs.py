@@ -18,6 +18,9 @@ What a recording needs, and how it gets it here:
   division by the step's label count N is a product with a static 1/N set before each replay; the
   checkpointed recomputes save no RNG state (reading it is refused during a recording), so
   --dropout > 0, whose masks the recompute must redraw, is refused.
+- Lean mode (--offload): the layer inputs' copies to and from page-locked host buffers are recorded
+  like kernels, and each replay reuses the same buffers in the same order; the embedding rows, looked
+  up on the host, are one more static input (`inputs_embeds`), copied in before each replay.
 - Gradients at fixed addresses: every trainable tensor's .grad is a static buffer that each replay
   adds into. `zero_grad(set_to_none=True)` drops them between steps; `__call__` puts them back, zeroed.
 - Warm-up before recording: two eager runs on a side stream compile the layers and create cuBLAS'
@@ -33,6 +36,7 @@ from __future__ import annotations
 import torch
 
 from .loss import causal_lm_loss
+from .offload import host_embedding
 
 PAD_MULTIPLE = 256
 
@@ -56,7 +60,7 @@ class GraphedMicroBatches:
 
     def __init__(self, model, params: list[torch.Tensor], autocast, warmup: int = 2):
         self.model, self.params, self.autocast, self.warmup = model, params, autocast, warmup
-        self.recorded: dict[tuple[int, int], tuple] = {}  # (B, T) -> (graph, ids, labels, scale, loss_sum)
+        self.recorded: dict[tuple[int, int], tuple] = {}  # (B, T) -> (graph, ids, labels, embeds, scale, loss_sum)
         self.pool = torch.cuda.graph_pool_handle()
         self.grads = [torch.zeros_like(p) for p in params]
 
@@ -65,9 +69,11 @@ class GraphedMicroBatches:
         shape = tuple(batch["input_ids"].shape)
         if shape not in self.recorded:
             self.recorded[shape] = self._record(batch, inv_n)
-        graph, ids, labels, scale, loss_sum = self.recorded[shape]
+        graph, ids, labels, embeds, scale, loss_sum = self.recorded[shape]
         ids.copy_(batch["input_ids"], non_blocking=True)
         labels.copy_(batch["labels"], non_blocking=True)
+        if embeds is not None:
+            embeds.copy_(self._embeds(batch), non_blocking=True)
         scale.fill_(inv_n)
         graph.replay()
         return loss_sum
@@ -81,9 +87,17 @@ class GraphedMicroBatches:
                 g.copy_(p.grad)
             p.grad = g
 
-    def _forward_backward(self, ids, labels, scale) -> torch.Tensor:
+    def _embeds(self, batch: dict) -> torch.Tensor | None:
+        """The embedding rows when the table is on the host: the batch's own (step.make_batch looked them
+        up), or looked up now from the GPU ids, which waits for the GPU."""
+        table = host_embedding(self.model)
+        if table is None:
+            return None
+        return batch["inputs_embeds"] if "inputs_embeds" in batch else table(batch["input_ids"])
+
+    def _forward_backward(self, ids, labels, embeds, scale) -> torch.Tensor:
         with self.autocast:
-            hidden = self.model.model(ids)
+            hidden = self.model.model(ids, inputs_embeds=embeds)
             loss_sum, _ = causal_lm_loss(hidden, self.model.lm_head.weight, labels, every_position=True,
                                          compiled=self.model.compile_loss)
         (loss_sum * scale).backward()
@@ -91,6 +105,8 @@ class GraphedMicroBatches:
 
     def _record(self, batch: dict, inv_n: float) -> tuple:
         ids, labels = batch["input_ids"].clone(), batch["labels"].clone()
+        embeds = self._embeds(batch)
+        embeds = None if embeds is None else embeds.clone()
         scale = torch.full((), inv_n, dtype=torch.float32, device=ids.device)
         saved = [g.clone() for g in self.grads]  # the warm-up adds into them; this micro-batch's replay will
         graph = torch.cuda.CUDAGraph()
@@ -99,10 +115,10 @@ class GraphedMicroBatches:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(self.warmup):
-                    self._forward_backward(ids, labels, scale)
+                    self._forward_backward(ids, labels, embeds, scale)
             torch.cuda.current_stream().wait_stream(side)
             with torch.cuda.graph(graph, pool=self.pool):
-                loss_sum = self._forward_backward(ids, labels, scale)
+                loss_sum = self._forward_backward(ids, labels, embeds, scale)
         except torch.OutOfMemoryError:
             raise  # the trainer's out-of-memory advice applies as it is
         except RuntimeError as e:
@@ -111,5 +127,5 @@ class GraphedMicroBatches:
         finally:
             for g, s in zip(self.grads, saved):
                 g.copy_(s)
-        return graph, ids, labels, scale, loss_sum
+        return graph, ids, labels, embeds, scale, loss_sum
 

@@ -259,17 +259,19 @@ class DecoderModel(nn.Module):
         # with nothing random in the layers (no dropout) that is skipped, which a CUDA graph needs (graphs.py).
         self.recompute_rng = True
 
-    def forward(self, input_ids, positions=None, mask=None, cache_pos: int = 0):
+    def forward(self, input_ids, positions=None, mask=None, cache_pos: int = 0, inputs_embeds=None):
+        """Hidden states (B, T, H). `inputs_embeds`: the embedding rows of input_ids, looked up already (lean
+        mode looks them up on the host, while the batch's ids are still there: step.make_batch)."""
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(cache_pos, cache_pos + T, device=input_ids.device).expand(B, T)
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
         if self.offloader is not None and self.training and not x.requires_grad:
             x = x.detach().requires_grad_()  # so the custom checkpoint's backward runs (the embedding is frozen)
         for layer in self.layers:
             if self.offloader is not None and self.training:
-                x = OffloadedCheckpoint.apply(x, self.offloader, layer, cos, sin, mask, cache_pos)
+                x = OffloadedCheckpoint.apply(x, self.offloader, layer, self.recompute_rng, cos, sin, mask, cache_pos)
             elif self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache_pos, use_reentrant=False,
                                                       preserve_rng_state=self.recompute_rng)

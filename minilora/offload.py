@@ -15,7 +15,13 @@ saved before forward and restored for the recompute, so dropout masks match.
 
 `HostEmbedding` keeps the frozen embedding table (1 GiB for a 128k vocabulary
 at 4096 wide) on the host: a lookup is a gather of B*T rows, and only those
-rows (32 MiB here) cross to the GPU.
+rows (32 MiB here) cross to the GPU. The trainer looks them up while building
+the batch (step.make_batch), from ids that are still on the host: looking up
+GPU ids would make the host wait for the GPU at every micro-batch.
+
+Under a CUDA graph (graphs.py) all of this is recorded once and replayed: the
+copies are stream-ordered, each replay writes and reads the same page-locked
+buffers in the same order, and the lookup happens outside the recording.
 
 Reference: plain `torch.utils.checkpoint` and `nn.Embedding`; tests/test_offload.py
 checks the losses and LoRA gradients are equal.
@@ -106,10 +112,12 @@ class OffloadedCheckpoint(torch.autograd.Function):
     """y = layer(x, ...) without saving activations; x waits in host memory until backward."""
 
     @staticmethod
-    def forward(ctx, x, offloader: HostOffloader, layer, *args):
+    def forward(ctx, x, offloader: HostOffloader, layer, preserve_rng: bool, *args):
         ctx.offloader, ctx.layer, ctx.args = offloader, layer, args
-        ctx.cpu_rng = torch.get_rng_state()
-        ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        # With dropout the recompute must draw the same masks: save the RNG state. Without, skip it: a CUDA
+        # graph recording (graphs.py) cannot read the GPU's RNG state.
+        ctx.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None) \
+            if preserve_rng else None
         with torch.no_grad():
             y = layer(x, *args)
         ctx.slot = offloader.put(x.detach())
@@ -118,18 +126,18 @@ class OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x = ctx.offloader.take(ctx.slot).requires_grad_(True)
-        now_cpu = torch.get_rng_state()
-        now_cuda = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
-        torch.set_rng_state(ctx.cpu_rng)  # the recompute draws the same dropout masks
-        if ctx.cuda_rng is not None:
-            torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
-        with torch.enable_grad():
-            y = ctx.layer(x, *ctx.args)
-        torch.set_rng_state(now_cpu)
-        if now_cuda is not None:
-            torch.cuda.set_rng_state(now_cuda, x.device)
+        if ctx.rng is None:
+            with torch.enable_grad():
+                y = ctx.layer(x, *ctx.args)
+        else:
+            with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):  # put the state back afterwards
+                torch.set_rng_state(ctx.rng[0])
+                if x.is_cuda:
+                    torch.cuda.set_rng_state(ctx.rng[1], x.device)
+                with torch.enable_grad():
+                    y = ctx.layer(x, *ctx.args)
         torch.autograd.backward(y, grad_y)  # accumulates the LoRA gradients of this layer
-        return (x.grad, None, None) + (None,) * len(ctx.args)
+        return (x.grad, None, None, None) + (None,) * len(ctx.args)
 
 
 class HostEmbedding(nn.Module):
@@ -149,3 +157,9 @@ class HostEmbedding(nn.Module):
 
     def _apply(self, fn, recurse=True):
         return self  # stays on the host whatever .to() the model gets
+
+
+def host_embedding(model) -> HostEmbedding | None:
+    """The model's embedding table if it lives on the host (lean mode), else None."""
+    table = model.model.embed_tokens
+    return table if isinstance(table, HostEmbedding) else None

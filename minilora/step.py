@@ -20,6 +20,7 @@ import torch
 from . import data as D
 from . import packing
 from .loss import causal_lm_loss
+from .offload import HostEmbedding, HostOffloader, host_embedding
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -31,8 +32,6 @@ def setup_for_training(model, *, gradient_checkpointing: bool, compile: str, dev
     graph, reused 28-32 times; it fuses the elementwise work between the matmuls. The loss's
     per-chunk softmax is compiled alongside (loss.py).
     """
-    from .offload import HostEmbedding, HostOffloader
-
     model.model.gradient_checkpointing = gradient_checkpointing or offload
     model.model.recompute_rng = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
     if offload:
@@ -149,10 +148,13 @@ def rank_slice(mbs: list[list], rank: int, world: int) -> list[list]:
     return [mb[rank * len(mb) // world: (rank + 1) * len(mb) // world] for mb in mbs]
 
 
-def make_batch(examples, pad_id: int, device, padding_free: bool = False, pad_to=None) -> dict:
+def make_batch(examples, pad_id: int, device, padding_free: bool = False, pad_to=None, host_embedding=None) -> dict:
     """One micro-batch on `device`: padded to its longest example (or to `pad_to(longest)`), or end
-    to end in one row (packing.py)."""
+    to end in one row (packing.py). With the embedding table on the host (offload.host_embedding), its
+    rows are looked up here, while the ids are still on the host, and sent as `inputs_embeds`."""
     b = packing.collate(examples) if padding_free else D.collate(examples, pad_id, pad_to)
+    if host_embedding is not None:
+        b["inputs_embeds"] = host_embedding(b["input_ids"])
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
 
 
@@ -165,7 +167,7 @@ def label_tokens(batches: list[dict]) -> int:
 
 def hidden_states(model, b: dict) -> torch.Tensor:
     """The decoder's output for a batch; a padding-free one brings its own positions and example bounds."""
-    return model.model(b["input_ids"], b.get("positions"), b.get("documents"))
+    return model.model(b["input_ids"], b.get("positions"), b.get("documents"), inputs_embeds=b.get("inputs_embeds"))
 
 
 def train_step(model, batches: list[dict], autocast, scaler=None, n_total: int | None = None,
@@ -205,7 +207,7 @@ def evaluate(model, examples, batch_size, pad_id, device, autocast, padding_free
     model.eval()
     loss, n = 0.0, 0
     for i in range(0, len(examples), batch_size):
-        b = make_batch(examples[i: i + batch_size], pad_id, device, padding_free)
+        b = make_batch(examples[i: i + batch_size], pad_id, device, padding_free, host_embedding=host_embedding(model))
         with autocast:
             s, c = causal_lm_loss(hidden_states(model, b), model.lm_head.weight, b["labels"],
                                   compiled=model.compile_loss)

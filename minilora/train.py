@@ -46,6 +46,7 @@ from . import distributed as dp
 from .checkpoint import adapter_config, default_dtype, load_model, resolve_model, save_adapter
 from .graphs import GraphedMicroBatches, GraphRecordingError, bucket_length
 from .lora import ALL_TARGETS, apply_lora, describe_trainable
+from .offload import host_embedding
 from .report import demo_report, oom_advice, plot_losses, print_demo_summary
 from .resume import (SAVE_ERRORS, find_resume, prepare_output, restore, rewind_metrics, rng_state, save_checkpoint,
                      why)
@@ -102,7 +103,7 @@ class TrainConfig:
                                   "host cost (1.5B: 2.4x the tokens/s); pads lengths to a multiple of 256 (past 2048 "
                                   "tokens, to one of 8 lengths per doubling) and computes "
                                   "the loss at prompt positions too (graphs.py). auto: on a CUDA GPU with bf16 unless "
-                                  "--offload, --padding-free, --fsdp, --dropout > 0 or several processes",
+                                  "--padding-free, --fsdp, --dropout > 0 or several processes",
                           ("auto", "on", "off"))
     # eval, saving and run control
     eval_fraction: float = _f(0.05, "fraction of the data held out for eval (ignored with --eval-data)")
@@ -220,7 +221,6 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 
 # The flags a CUDA graph recording cannot hold, and why (graphs.py).
 GRAPH_CLASHES = {
-    "offload": "its host copies and host embedding lookups happen outside the GPU's stream.",
     "padding-free": "its row layout changes with every batch; graphs need a few fixed shapes.",
     "fsdp": "FSDP2's gathers run between the layers' kernels.",
     "dropout": "the checkpointed recompute must save the RNG state to redraw the same masks, and a recording "
@@ -230,7 +230,7 @@ GRAPH_CLASHES = {
 
 def graph_clashes(cfg: TrainConfig) -> list[str]:
     """The GRAPH_CLASHES flags this run sets."""
-    set_ = {"offload": cfg.offload, "padding-free": cfg.padding_free, "fsdp": cfg.fsdp, "dropout": cfg.dropout > 0}
+    set_ = {"padding-free": cfg.padding_free, "fsdp": cfg.fsdp, "dropout": cfg.dropout > 0}
     return [name for name in GRAPH_CLASHES if set_[name]]
 
 
@@ -546,7 +546,7 @@ def step_batches(run: Run) -> list[dict]:
     mbs = rank_slice(micro_batches(run.train, order, offset, cfg.grad_accum, cfg.batch_size * world),
                      dp.rank(), world)
     pad_to = bucket_length if run.graphs else None  # a few fixed shapes: one CUDA graph each
-    return [make_batch(mb, run.pad_id, run.device, cfg.padding_free, pad_to) for mb in mbs]
+    return [make_batch(mb, run.pad_id, run.device, cfg.padding_free, pad_to, host_embedding(run.model)) for mb in mbs]
 
 
 def optimizer_step(run: Run, batches: list[dict]) -> tuple[float, float, int, bool]:

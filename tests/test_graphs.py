@@ -31,7 +31,7 @@ def test_every_position_loss_equals_cross_entropy(tmp_path):
         torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-4)
 
 
-def _lora_model_on_gpu(folder, checkpointing):
+def _lora_model_on_gpu(folder, checkpointing, offload=False):
     from minilora.checkpoint import load_model
     from minilora.lora import apply_lora
     from minilora.step import setup_for_training
@@ -42,13 +42,14 @@ def _lora_model_on_gpu(folder, checkpointing):
     for n, p in model.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.02)  # B = 0 would give A no gradient
-    setup_for_training(model, gradient_checkpointing=checkpointing, compile="on", device="cuda")
+    setup_for_training(model, gradient_checkpointing=checkpointing, compile="on", device="cuda", offload=offload)
     return model
 
 
 def _three_steps(model, mbs, pads, graphed):
     """Three optimizer steps over the micro-batches `mbs`, padded by pads[step]; losses, gradients, weights."""
     from minilora.graphs import GraphedMicroBatches
+    from minilora.offload import host_embedding
     from minilora.step import flatten_for_optimizer, make_batch, make_optimizer, train_step
     from minilora.train import TrainConfig
 
@@ -58,7 +59,7 @@ def _three_steps(model, mbs, pads, graphed):
     graphs = GraphedMicroBatches(model, params, autocast) if graphed else None
     losses, grads = [], []
     for step in range(3):
-        batches = [make_batch(mb, 0, "cuda", pad_to=pads[step]) for mb in mbs]
+        batches = [make_batch(mb, 0, "cuda", pad_to=pads[step], host_embedding=host_embedding(model)) for mb in mbs]
         loss, _ = train_step(model, batches, autocast, graphs=graphs)
         losses.append(loss)
         grads.append([p.grad.clone() for p in params])
@@ -83,18 +84,19 @@ def _multiple(m):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("checkpointing", [True, False])
-def test_graphed_steps_equal_eager_steps(tmp_path, checkpointing):
+@pytest.mark.parametrize("mode", ["recompute", "no-recompute", "offload"])
+def test_graphed_steps_equal_eager_steps(tmp_path, mode):
     """Three optimizer steps of 2 micro-batches, NF4 base, compiled layers, flat optimizer: losses,
     gradients and weights as eager. Steps 1-2 pad both micro-batches to 256 (one recording, replayed);
     step 3 pads to multiples of 16, so its second micro-batch is recorded after the first one's gradients
-    are in the buffers, which the recording's warm-up must leave as they were."""
+    are in the buffers, which the recording's warm-up must leave as they were. offload: the layer inputs'
+    copies to host memory and back are in the recording, the embedding rows a static input."""
     tiny_hf_model(tmp_path / "m", "llama", hidden_size=256, intermediate_size=512, vocab_size=512)
     ex = uneven_batch(n=8, vocab=512)
     mbs = [[ex[0], ex[7]], [ex[1], ex[2]]]  # longest 26 and 11 tokens
     pads = [_multiple(256), _multiple(256), _multiple(16)]  # step 3: (2, 32) and (2, 16), both new
-    runs = [_three_steps(_lora_model_on_gpu(tmp_path / "m", checkpointing), mbs, pads, graphed)
-            for graphed in (False, True)]
+    runs = [_three_steps(_lora_model_on_gpu(tmp_path / "m", mode != "no-recompute", offload=mode == "offload"),
+                         mbs, pads, graphed) for graphed in (False, True)]
     assert len(runs[1][3].recorded) == 3
     _assert_same(*runs)
 
