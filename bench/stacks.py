@@ -217,7 +217,9 @@ def import_stack(stack: str):
 
 
 def recomputes(stack: str, s: Settings) -> bool:
-    return s.checkpointing and stack not in NO_RECOMPUTE
+    """Whether `stack` recomputes its layers in backward under `s` (--offload always does)."""
+    offload = MINILORA_MODES.get(stack, {}).get("offload", False)
+    return (s.checkpointing or offload) and stack not in NO_RECOMPUTE
 
 
 def load(stack: str, folder, s: Settings) -> Run:

@@ -338,7 +338,7 @@ def compare(rows: list[dict]):
             r["loss_match"] = r["loss_rel_diff"] <= LOSS_TOLERANCE
             if not r["loss_match"]:
                 print(f"WARNING: {r['shape']}: {r['stack']}'s first loss {r['loss_first']:.5f} differs from "
-                      f"minilora's {ref['loss_first']:.5f} by {100 * r['loss_rel_diff']:.2f}% (> 1%): the stacks "
+                      f"{ref['stack']}'s {ref['loss_first']:.5f} by {100 * r['loss_rel_diff']:.2f}% (> 1%): the stacks "
                       "are not training the same thing, and their speeds are not comparable.", flush=True)
         for peer in PEERS:
             p = ok.get(peer)

@@ -14,8 +14,9 @@ tensors of the whole step. Three observations remove them:
    stored dL/dh (N, H) by the incoming gradient.
 3. lm_head is frozen in LoRA, so dL/dW is never needed.
 
-Peak memory: one chunk of (rows, V) logits plus h's gradient; FLOPs: the
-same 2 matmuls (logits, dL/dh) that full logits need, with no recompute.
+Peak memory: one chunk's (rows, V) logits and their temporaries, plus h's
+gradient; FLOPs: the same 2 matmuls (logits, dL/dh) that full logits need,
+with no recompute.
 
 Between the two matmuls of a chunk lies elementwise work over all (rows, V)
 logits: upcast, logsumexp, the softmax, minus the one-hot, downcast. Run op by
@@ -23,8 +24,10 @@ op that is ~40 bytes of memory traffic per logit, which for 4096 tokens of
 Qwen's vocabulary is ~25 GB per step, ~10% of the 1.5B model's step. On a GPU
 the trainer runs `chunk_loss_and_grad` through torch.compile (`compiled=True`),
 which fuses it into a reduction and a pointwise kernel: the bf16 logits are
-read twice and their bf16 gradient written once, ~8 bytes per logit. The same
-function, uncompiled, is the reference (tests/test_train.py).
+read twice and their bf16 gradient written once, ~8 bytes per logit, and no
+fp32 copy of the chunk exists. Uncompiled (the CPU, --compile off, --fsdp) the
+same function holds ~5 fp32 (rows, V) temporaries at once, so its chunks are
+half as long. tests/test_train.py checks both against torch's cross-entropy.
 
 Loss math: the model at position t predicts token t+1, so hidden[:, :-1] pairs
 with labels[:, 1:]. We return the SUM of token losses and the token count; the
@@ -38,7 +41,7 @@ import torch.nn.functional as F
 
 from .data import IGNORE
 
-LOGIT_ELEMENTS = 2**25  # rows per chunk = this / vocab: 128 MiB of fp32 logits at a time
+LOGIT_ELEMENTS = 2**25  # rows per chunk = this / vocab (compiled; half that uncompiled): 64 MiB of bf16 logits
 
 
 def chunk_loss_and_grad(logits: torch.Tensor, y: torch.Tensor, keep: torch.Tensor, need_grad: bool):
@@ -111,7 +114,7 @@ def causal_lm_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: t
     if not every_position:
         keep = (y != IGNORE).nonzero().squeeze(1)
         h, y = h.index_select(0, keep), y.index_select(0, keep)  # (N, H), (N,)
-    rows = rows or max(16, LOGIT_ELEMENTS // lm_head_weight.shape[0])
+    rows = rows or max(16, (LOGIT_ELEMENTS if compiled else LOGIT_ELEMENTS // 2) // lm_head_weight.shape[0])
     if h.requires_grad and lm_head_weight.requires_grad:
         raise ValueError("causal_lm_loss assumes a frozen lm_head (LoRA does not train it).")
     return LinearCrossEntropy.apply(h, lm_head_weight, y, rows, compiled), None if every_position else y.numel()

@@ -10,8 +10,9 @@ ahead of use (layer i-1's input is copied while layer i's backward computes),
 so the copies hide behind compute. 32 MiB over PCIe (~25 GB/s) takes ~1.3 ms,
 against ~9 ms for a layer's recompute + backward.
 
-The layer is recomputed exactly like torch.utils.checkpoint: the RNG state is
-saved before forward and restored for the recompute, so dropout masks match.
+The layer is recomputed exactly like torch.utils.checkpoint: with dropout, the
+RNG state is saved before forward and restored for the recompute, so the masks
+match; without, nothing random runs and no state is saved.
 
 `HostEmbedding` keeps the frozen embedding table (1 GiB for a 128k vocabulary
 at 4096 wide) on the host: a lookup is a gather of B*T rows, and only those
@@ -41,38 +42,54 @@ def pinned_empty(shape, dtype) -> torch.Tensor:
     torch's own pinned memory (`pin_memory=True`) comes from a caching allocator that rounds each
     request up to a power of two: at 350k tokens an 8B layer input of 2.9 GB takes 4 GiB, and the
     32 layers 128 GiB, more than the benchmark machine's 125 GiB (the 350k probe was killed so).
-    cudaHostRegister page-locks an ordinary tensor's memory as it is; it is unlocked when the
-    tensor is collected.
+    cudaHostRegister page-locks an ordinary tensor's memory as it is; it is unlocked when this
+    tensor object is collected (the callers keep it for as long as they copy through it).
     """
     t = torch.empty(shape, dtype=dtype)
     if t.numel() == 0:
         return t
-    cudart, ptr = torch.cuda.cudart(), t.data_ptr()
-    torch.cuda.check_error(cudart.cudaHostRegister(ptr, t.numel() * t.element_size(), 0))
+    cudart, ptr, size = torch.cuda.cudart(), t.data_ptr(), t.numel() * t.element_size()
+    try:
+        torch.cuda.check_error(cudart.cudaHostRegister(ptr, size, 0))
+    except RuntimeError as e:
+        raise RuntimeError(f"--offload could not page-lock {size / 2**30:.2f} GiB of host memory ({e}). The "
+                           "host may be short of free RAM, or the locked-memory limit (`ulimit -l`) too low; "
+                           "use shorter sequences, or train without --offload.") from e
     weakref.finalize(t, cudart.cudaHostUnregister, ptr)
     return t
 
 
 class HostOffloader:
-    """Copies tensors to pinned host buffers (reused across steps) and back, on a side stream."""
+    """Copies tensors to page-locked host buffers and back, on a side stream.
+
+    Slot i of a micro-batch (the i-th layer's input) always goes to arena i, one flat host buffer
+    per slot that grows to the largest input seen, so batches of ever new lengths reuse the same
+    memory. An outgrown arena is kept, not freed: a recorded CUDA graph may still copy through it.
+    """
 
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
-        self.pool: dict[tuple, list[torch.Tensor]] = {}  # free pinned buffers by (shape, dtype)
+        self.arenas: list[torch.Tensor] = []  # by slot: a flat page-locked buffer
+        self.outgrown: list[torch.Tensor] = []
         self.ready: dict[int, torch.Tensor] = {}  # prefetched device copies by slot
         self.slots: list = []  # this step's host copies, in forward order
 
-    def _buffer(self, t: torch.Tensor) -> torch.Tensor:
-        free = self.pool.setdefault((tuple(t.shape), t.dtype), [])
-        if free:
-            return free.pop()
-        return pinned_empty(t.shape, t.dtype) if self.cuda else torch.empty(t.shape, dtype=t.dtype)
+    def _buffer(self, t: torch.Tensor, slot: int) -> torch.Tensor:
+        if slot == len(self.arenas):
+            self.arenas.append(torch.empty(0, dtype=t.dtype))
+        arena = self.arenas[slot]
+        if arena.numel() < t.numel() or arena.dtype != t.dtype:
+            if arena.numel():
+                self.outgrown.append(arena)
+            n = t.numel()
+            arena = self.arenas[slot] = pinned_empty((n,), t.dtype) if self.cuda else torch.empty(n, dtype=t.dtype)
+        return arena[:t.numel()].view(t.shape)
 
     def put(self, t: torch.Tensor) -> int:
         """Start copying t to the host; returns its slot number."""
-        host = self._buffer(t)
+        host = self._buffer(t, len(self.slots))
         if self.cuda:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))  # t is fully written
             with torch.cuda.stream(self.stream):
@@ -101,8 +118,7 @@ class HostOffloader:
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
             t.record_stream(torch.cuda.current_stream(self.device))
-        host, self.slots[slot] = self.slots[slot], None
-        self.pool[(tuple(host.shape), host.dtype)].append(host)
+        self.slots[slot] = None
         if all(s is None for s in self.slots):
             self.slots = []  # the step's backward is done
         return t
@@ -145,9 +161,10 @@ class HostEmbedding(nn.Module):
 
     def __init__(self, weight: torch.Tensor, device):
         super().__init__()
-        host = weight.detach().cpu()
         if torch.device(device).type == "cuda":
             host = pinned_empty(weight.shape, weight.dtype).copy_(weight.detach())
+        else:
+            host = weight.detach().cpu()
         self.register_buffer("weight", host)
         self.target = torch.device(device)
 

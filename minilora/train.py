@@ -103,7 +103,8 @@ class TrainConfig:
                                   "host cost (1.5B: 2.4x the tokens/s); pads lengths to a multiple of 256 (past 2048 "
                                   "tokens, to one of 8 lengths per doubling) and computes "
                                   "the loss at prompt positions too (graphs.py). auto: on a CUDA GPU with bf16 unless "
-                                  "--padding-free, --fsdp, --dropout > 0 or several processes",
+                                  "--padding-free, --fsdp, --dropout > 0, several processes, or batch-size x "
+                                  "max-seq-len over 32768 tokens",
                           ("auto", "on", "off"))
     # eval, saving and run control
     eval_fraction: float = _f(0.05, "fraction of the data held out for eval (ignored with --eval-data)")
@@ -360,15 +361,21 @@ def set_up(cfg: TrainConfig) -> Run:
     return run
 
 
+# Above this many tokens per micro-batch a step is GPU time already (the 8B step gains 2.5% at 4k tokens), while
+# each recording costs two more passes (minutes at 350k tokens) and the memory of its pool: auto leaves graphs off.
+GRAPH_AUTO_TOKENS = 32768
+
+
 def use_cuda_graphs(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> bool:
     """--cuda-graphs: `on` asks for them (validate refused the flags they cannot record), `auto` takes them where
-    they work. Several processes are left out of auto: the recording with the ranks' all-reduce is not yet measured."""
+    they work and pay. Several processes are left out of auto: the recording with the ranks' all-reduce is not yet
+    measured."""
     fits = device.type == "cuda" and dtype == torch.bfloat16
     if cfg.cuda_graphs == "on" and not fits:
         raise UsageError(f"--cuda-graphs on needs a CUDA GPU with bf16 (this run trains on {device} in {dtype}); "
                          "use --cuda-graphs off.")
     return cfg.cuda_graphs == "on" or (cfg.cuda_graphs == "auto" and fits and not graph_clashes(cfg)
-                                       and dp.world() == 1)
+                                       and dp.world() == 1 and cfg.max_seq_len * cfg.batch_size <= GRAPH_AUTO_TOKENS)
 
 
 def pick_device(name: str) -> torch.device:

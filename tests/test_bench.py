@@ -86,6 +86,24 @@ def test_compare_flags_a_loss_mismatch():
     assert rows[0]["vs_unsloth"]["tokens_per_s"] == 0.5 and rows[2]["vs_peft"]["tokens_per_s"] == 4.0
 
 
+def test_compare_against_peft_fast_with_another_minilora_mode_as_reference():
+    rows = [{"stack": s, "shape": "tiny", "loss_first": loss, "tokens_per_s": tps, "peak_allocated_gib": mem,
+             "peak_reserved_gib": mem} for s, loss, tps, mem in
+            (("minilora-graphs", 10.0, 300.0, 1.0), ("peft-fast", 10.3, 100.0, 5.0))]
+    compare(rows)
+    assert [r["loss_match"] for r in rows] == [True, False]  # minilora-graphs is the reference; 3% is too far
+    assert rows[0]["vs_peft_fast"]["tokens_per_s"] == 3.0 and rows[0]["vs_peft"] is None
+
+
+def test_which_stacks_recompute():
+    from bench.stacks import Settings, recomputes
+
+    on, off = Settings(checkpointing=True), Settings(checkpointing=False)
+    assert recomputes("minilora", on) and recomputes("peft", on) and recomputes("minilora-lean-graphs", off)
+    assert not any(recomputes(s, on) for s in ("minilora-fast", "minilora-fast-graphs", "peft-fast"))
+    assert not recomputes("minilora-graphs", off)
+
+
 def test_report_writes_table_and_chart(cpu_runs):
     tmp, speed, ctx = cpu_runs
     readme, png = tmp / "README.md", tmp / "chart.png"

@@ -11,25 +11,32 @@ from conftest import tiny_hf_model
 from minilora import data as D
 from minilora.checkpoint import load_model
 from minilora.lora import apply_lora
-from minilora.offload import HostEmbedding, pinned_empty
-from minilora.step import setup_for_training, train_step
+from minilora.offload import HostEmbedding, host_embedding, pinned_empty
+from minilora.step import make_batch, setup_for_training, train_step
 
 
-def grads(folder, offload: bool, steps=2, device="cpu"):
+def grads(folder, offload: bool, steps=2, device="cpu", dropout=0.2, lengths=(17, 17), host_rows=False):
+    """Losses and LoRA gradients of `steps` steps, each of one micro-batch (3, lengths[step]). host_rows: the
+    batch brings its embedding rows, looked up on the host (step.make_batch's `host_embedding`)."""
     torch.manual_seed(0)
     model = load_model(folder, device=device, quantize="nf4", progress=False)
-    apply_lora(model, r=4, alpha=8, dropout=0.2)  # dropout: the recompute must replay the same masks
+    apply_lora(model, r=4, alpha=8, dropout=dropout)  # dropout: the recompute must replay the same masks
     for n, p in model.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.05)
     setup_for_training(model, gradient_checkpointing=True, compile="off", device=device, offload=offload)
     g = torch.Generator().manual_seed(1)
     out = []
-    for _ in range(steps):  # a second step checks the buffers are reused correctly
-        ids = torch.randint(3, 128, (3, 17), generator=g).to(device)
+    for step in range(steps):  # a second step checks the buffers are reused correctly
+        ids = torch.randint(3, 128, (3, lengths[step]), generator=g)
+        batch = {"input_ids": ids.to(device), "labels": ids.to(device)}
+        if host_rows:
+            batch = make_batch([D.Example(r.tolist(), r.tolist()) for r in ids], 0, device,
+                               host_embedding=host_embedding(model))
+            assert torch.equal(batch["inputs_embeds"].cpu(), model.model.embed_tokens.weight[ids])
         torch.manual_seed(123)
         model.zero_grad(set_to_none=True)
-        loss, _ = train_step(model, [{"input_ids": ids, "labels": ids}], torch.autocast("cpu", enabled=False))
+        loss, _ = train_step(model, [batch], torch.autocast("cpu", enabled=False))
         out.append((loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
     return model, out
 
@@ -50,11 +57,35 @@ def test_offloaded_checkpoint_equals_plain_checkpoint(tmp_path, device):
             torch.testing.assert_close(ga[k], gb[k], atol=1e-6, rtol=1e-5)
 
 
+def _assert_same(a, b):
+    for (la, ga), (lb, gb) in zip(a, b):
+        assert abs(la - lb) < 1e-6
+        assert ga.keys() == gb.keys()
+        for k in ga:
+            torch.testing.assert_close(ga[k], gb[k], atol=1e-6, rtol=1e-5)
+
+
+def test_offload_without_dropout_and_with_host_rows(tmp_path):
+    """No dropout: the recompute saves no RNG state (the path CUDA graphs take). Rows looked up by make_batch:
+    the same losses and gradients as the lookup inside the model. Lengths 17, 9, 21: the host buffers grow
+    only for the longest, one per layer, and the shorter batch reuses them."""
+    tiny_hf_model(tmp_path / "m", "llama", num_hidden_layers=3)
+    lengths = (17, 9, 21)
+    model, lean = grads(tmp_path / "m", offload=True, steps=3, dropout=0.0, lengths=lengths, host_rows=True)
+    offloader = model.model.offloader
+    assert [a.numel() for a in offloader.arenas] == [3 * 21 * 64] * 3 and len(offloader.outgrown) == 3
+    _, plain = grads(tmp_path / "m", offload=False, steps=3, dropout=0.0, lengths=lengths)
+    _assert_same(lean, plain)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_pinned_host_buffers_are_exact_and_page_locked():
-    """Exactly the bytes asked for (torch's pinned allocator would round 3 x 1000 x 7 x 2 up to 64 KiB)."""
+    """Registered with CUDA itself (unregistering succeeds only for registered memory), at the tensor's size."""
     host = pinned_empty((3, 1000, 7), torch.bfloat16)
     assert host.is_pinned() and host.untyped_storage().nbytes() == 3 * 1000 * 7 * 2
+    cudart = torch.cuda.cudart()
+    torch.cuda.check_error(cudart.cudaHostUnregister(host.data_ptr()))
+    torch.cuda.check_error(cudart.cudaHostRegister(host.data_ptr(), 3 * 1000 * 7 * 2, 0))
     x = torch.randn(3, 1000, 7, device="cuda", dtype=torch.bfloat16)
     host.copy_(x, non_blocking=True)
     torch.cuda.synchronize()

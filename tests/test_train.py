@@ -256,6 +256,7 @@ def test_finished_run_is_not_overwritten(tmp_path):
     (["--cuda-graphs", "on", "--padding-free"], "--cuda-graphs on cannot record --padding-free"),
     (["--cuda-graphs", "on", "--dropout", "0.1"], "--cuda-graphs on cannot record --dropout"),
     (["--cuda-graphs", "on", "--device", "cpu"], "--cuda-graphs on needs a CUDA GPU with bf16"),
+    (["--cuda-graphs", "on", "--offload", "--device", "cpu"], "--cuda-graphs on needs a CUDA GPU"),  # no clash
 ])
 def test_bad_flags(args, message):
     r = run_train(["--model", "x", "--data", "y.jsonl", *args])
