@@ -115,17 +115,18 @@ def load_minilora(folder, s: Settings, mode: str = "minilora") -> Run:
     graphed = opts.pop("cuda_graphs", False)
     setup_for_training(model, compile=s.compile, device=s.device, **opts)
     autocast = s.autocast()
+    table = host_embedding(model)  # lean modes: the embedding table on the host
 
     def loss_backward(ids, lengths=None):
         if padding_free and lengths:
             rows = [row[:n].tolist() for row, n in zip(ids, lengths)]  # ids on the host (train_speed.py)
             batch = make_batch([Example(r, r) for r in rows], 0, torch.device(s.device), padding_free=True,
-                               host_embedding=host_embedding(model))
+                               host_embedding=table)
         else:
             on_device = ids.to(s.device)
             batch = {"input_ids": on_device, "labels": padded_labels(on_device, lengths)}
-            if host_embedding(model) is not None:  # lean: rows looked up from the host's ids, as make_batch does
-                batch["inputs_embeds"] = host_embedding(model)(ids)
+            if table is not None:  # rows looked up from the host's ids, as make_batch does
+                batch["inputs_embeds"] = table(ids)
             if graphed and bucket_length(ids.shape[1]) != ids.shape[1]:  # train.py would pad it
                 raise ValueError(f"minilora-graphs: --seq {ids.shape[1]} is not a recorded length; the trainer "
                                  f"would pad it to {bucket_length(ids.shape[1])}")

@@ -36,6 +36,8 @@ caller divides once by the count over the whole optimizer step (see train.py).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -58,16 +60,11 @@ def chunk_loss_and_grad(logits: torch.Tensor, y: torch.Tensor, keep: torch.Tenso
     return loss, grad.to(logits.dtype)
 
 
-_compiled_chunk = None
-
-
+@functools.cache
 def compiled_chunk_loss_and_grad():
     """chunk_loss_and_grad through torch.compile, made once (compiling happens at the first call of each
     shape: the full chunks share one, and the last chunk's varying row count becomes a dynamic size)."""
-    global _compiled_chunk
-    if _compiled_chunk is None:
-        _compiled_chunk = torch.compile(chunk_loss_and_grad)
-    return _compiled_chunk
+    return torch.compile(chunk_loss_and_grad)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
