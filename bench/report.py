@@ -113,7 +113,8 @@ def speed_table(run_id: str, rows: list[dict]) -> str:
             match = {True: "yes", False: "**NO**", None: "n/a"}[r.get("loss_match")]
             if r.get("loss_rel_diff") is not None and r["stack"] != "minilora":
                 match += f" ({100 * r['loss_rel_diff']:.3f}%)"
-            out.append(f"| {r['stack']} | {_num(r['tokens_per_s'])} | {_num(r['step_time_s_median'], '{:.3f}')} "
+            keep = f" (--keep-activations {r['keep_activations']})" if r.get("keep_activations") else ""
+            out.append(f"| {r['stack']}{keep} | {_num(r['tokens_per_s'])} | {_num(r['step_time_s_median'], '{:.3f}')} "
                        f"| {_num(peak, '{:.2f}')}{tag} | {_num(r.get('peak_reserved_gib'), '{:.2f}')} "
                        f"| {r['loss_first']:.4f} -> {r['loss_last']:.4f} | {_num(r.get('mfu'), '{:.1%}')} "
                        f"| {_num(r.get('load_time_s'), '{:.1f}')} | {_num(r.get('load_peak_gib'), '{:.2f}')} "

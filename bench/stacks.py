@@ -51,6 +51,7 @@ class Settings:
     alpha: float = 16.0
     checkpointing: bool = True  # recompute each decoder layer in backward ("unsloth" mode for unsloth)
     compile: str = "auto"  # minilora only: torch.compile each decoder layer (auto: on CUDA), as its trainer does
+    keep_activations: int = 0  # minilora only: the last N layers are not recomputed (train.py --keep-activations)
     max_seq: int = 2048  # unsloth sizes its RoPE cache by it
     device: str = "cuda"
     lr: float = 2e-4
@@ -113,7 +114,7 @@ def load_minilora(folder, s: Settings, mode: str = "minilora") -> Run:
     opts = {"gradient_checkpointing": s.checkpointing, **MINILORA_MODES[mode]}
     padding_free = opts.pop("padding_free", False)
     graphed = opts.pop("cuda_graphs", False)
-    setup_for_training(model, compile=s.compile, device=s.device, **opts)
+    setup_for_training(model, compile=s.compile, device=s.device, keep_activations=s.keep_activations, **opts)
     autocast = s.autocast()
     table = host_embedding(model)  # lean modes: the embedding table on the host
 
@@ -233,21 +234,21 @@ def load(stack: str, folder, s: Settings) -> Run:
     return loaders[stack](folder, s)
 
 
-def flops_per_token(cfg, seq: int, checkpointing: bool) -> float:
+def flops_per_token(cfg, seq: int, checkpointing: float) -> float:
     """Matmul FLOPs one training token costs (LoRA's own r*(in+out) terms, ~0.5% at r=16, left out).
 
     frozen decoder linears: 2 (forward) + 2 (input gradient; no weight gradient) + 2 (recompute) per parameter
     lm_head:                2 (forward) + 2 (input gradient) per parameter
     causal attention:       2 * seq * d_attn per layer forward (QK^T and AV over seq/2 keys on average),
                             x (1 forward + 2 backward + 1 recompute)
-    Without checkpointing drop the recompute terms (4x linears, 3x attention). Counting the recompute
-    makes this "hardware FLOPs"; every stack recomputes, so the stacks' ratio is the tokens/s ratio.
+    Without checkpointing drop the recompute terms (4x linears, 3x attention); `checkpointing` may be the
+    fraction of layers recomputed (--keep-activations). Counting the recompute makes this "hardware FLOPs".
     """
     h, i, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
     d_q, d_kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     linear = L * (h * d_q + 2 * h * d_kv + d_q * h + 3 * h * i)
     attention = L * 2 * seq * d_q
-    k_lin, k_att = (6, 4) if checkpointing else (4, 3)
+    k_lin, k_att = 4 + 2 * float(checkpointing), 3 + float(checkpointing)
     return k_lin * linear + 4 * cfg.vocab_size * h + k_att * attention
 
 

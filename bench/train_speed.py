@@ -100,6 +100,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens in them)")
     p.add_argument("--checkpointing", choices=("on", "off"), default="on", help="gradient checkpointing")
+    p.add_argument("--keep-activations", type=int, default=0, metavar="N",
+                   help="minilora stacks: the last N layers keep their activations (train.py --keep-activations)")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="minilora: torch.compile each decoder layer, as `minilora.train --compile` (auto: on CUDA)")
     p.add_argument("--out", default="bench/results/train_speed.jsonl", help="JSON lines, appended")
@@ -167,6 +169,7 @@ def measure(stack: str, folder, shape: str, a) -> dict:
     device = torch.device(a.device)
     cuda = device.type == "cuda"
     s = stacks.Settings(rank=a.rank, alpha=a.alpha, checkpointing=a.checkpointing == "on", compile=a.compile,
+                        keep_activations=a.keep_activations if stack.startswith("minilora") else 0,
                         max_seq=a.seq, device=a.device, seed=a.seed)
     # padding-free builds its row from Python lists on the host, as the trainer does (then one copy to the GPU)
     data = [(ids if stack == "minilora-padfree" else ids.to(device), lengths) for ids, lengths in batches(shape, a)]
@@ -240,7 +243,7 @@ def run_isolated(stack: str, folder, shape: str, a) -> dict:
     flags = ["--shape", shape, "--stacks", stack, "--batch", a.batch, "--seq", a.seq, "--lengths", a.lengths,
              "--rank", a.rank,
              "--alpha", a.alpha, "--steps", a.steps, "--warmup", a.warmup, "--checkpointing", a.checkpointing,
-             "--compile", a.compile, "--device", a.device, "--seed", a.seed,
+             "--compile", a.compile, "--keep-activations", a.keep_activations, "--device", a.device, "--seed", a.seed,
              "--worker", stack, "--folder", folder, "--row-out", row_file]
     cmd = [sys.executable, str(Path(__file__).resolve())] + [str(f) for f in flags]
     proc = subprocess.Popen(cmd, start_new_session=True)  # its own process group, to end it with its children
@@ -387,11 +390,14 @@ def main(argv=None):
                 row = {"stack": stack, "shape": shape, "run_id": run_id, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                        "batch": a.batch, "seq": a.seq, "lengths": a.lengths or None, "rank": a.rank, "alpha": a.alpha,
                        "checkpointing": a.checkpointing, "compile": a.compile if stack.startswith("minilora") else None,
+                       "keep_activations": a.keep_activations if stack.startswith("minilora") else None,
                        "steps": a.steps, "warmup": a.warmup, "seed": a.seed,
                        "labels": "all real tokens (labels = input_ids, pads unlabelled)",
                        "isolated": a.isolate == "on",
                        **{k: None for k in FIGURES}, **figures}
                 recompute = stacks.recomputes(stack, stacks.Settings(checkpointing=a.checkpointing == "on"))
+                if recompute and stack.startswith("minilora"):  # the kept layers skip their recompute
+                    recompute = 1 - a.keep_activations / cfg.num_hidden_layers
                 fpt = stacks.flops_per_token(cfg, flops_seq, recompute)
                 row["flops_per_token"] = fpt
                 row["mfu"] = (row["tokens_per_s"] * fpt / (tflops * 1e12)) if row["tokens_per_s"] else None

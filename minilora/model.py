@@ -254,6 +254,9 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.gradient_checkpointing = False  # recompute each layer in backward: memory for FLOPs
+        # ... except the last `keep_activations` layers, which keep what their backward needs: each one kept
+        # saves 1/L of the recompute (~1/4 of a step, spread over L layers) for one layer's activations of memory
+        self.keep_activations = 0
         self.offloader = None  # an offload.HostOffloader: checkpoint with layer inputs in host memory
         # The recompute replays the forward's random numbers (dropout) by saving the RNG state per layer;
         # with nothing random in the layers (no dropout) that is skipped, which a CUDA graph needs (graphs.py).
@@ -269,10 +272,13 @@ class DecoderModel(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
         if self.offloader is not None and self.training and not x.requires_grad:
             x = x.detach().requires_grad_()  # so the custom checkpoint's backward runs (the embedding is frozen)
-        for layer in self.layers:
-            if self.offloader is not None and self.training:
+        recomputed = len(self.layers) - self.keep_activations
+        for i, layer in enumerate(self.layers):
+            if i >= recomputed or not self.training:
+                x = layer(x, cos, sin, mask, cache_pos)
+            elif self.offloader is not None:
                 x = OffloadedCheckpoint.apply(x, self.offloader, layer, self.recompute_rng, cos, sin, mask, cache_pos)
-            elif self.gradient_checkpointing and self.training:
+            elif self.gradient_checkpointing:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache_pos, use_reentrant=False,
                                                       preserve_rng_state=self.recompute_rng)
             else:

@@ -91,6 +91,9 @@ def oom_advice(cfg, step: int, error: str, longest: int | None, device, kept: Pa
     if not cfg.gradient_checkpointing:
         lines.append("    --gradient-checkpointing   keep one tensor per layer and recompute the rest in backward "
                      "(~1/3 slower)")
+    if cfg.keep_activations:
+        lines.append(f"    --keep-activations {cfg.keep_activations // 2}   recompute more layers: each one "
+                     "recomputed instead of kept frees one layer's activations")
     if not cfg.offload:
         lines.append("    --offload   lean mode: the checkpointed layer inputs and the embedding table live in "
                      "host memory")

@@ -25,14 +25,21 @@ from .offload import HostEmbedding, HostOffloader, host_embedding
 
 # ----------------------------------------------------------------------------- set-up
 
-def setup_for_training(model, *, gradient_checkpointing: bool, compile: str, device, offload: bool = False) -> None:
+def setup_for_training(model, *, gradient_checkpointing: bool, compile: str, device, offload: bool = False,
+                       keep_activations: int = 0) -> None:
     """Memory and speed switches, in one place: per-layer recompute, host offload, regional torch.compile.
 
     Compiling each decoder layer (not the whole model) keeps compile time to one layer's
     graph, reused 28-32 times; it fuses the elementwise work between the matmuls. The loss's
-    per-chunk softmax is compiled alongside (loss.py).
+    per-chunk softmax is compiled alongside (loss.py). `keep_activations`: the last N layers are not
+    recomputed (model.py).
     """
+    layers = len(model.model.layers)
+    if not 0 <= keep_activations <= layers:
+        raise ValueError(f"--keep-activations {keep_activations}: the model has {layers} decoder layers; "
+                         f"choose 0 (recompute every layer) to {layers}.")
     model.model.gradient_checkpointing = gradient_checkpointing or offload
+    model.model.keep_activations = keep_activations
     model.model.recompute_rng = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
     if offload:
         model.model.offloader = HostOffloader(device)

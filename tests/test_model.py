@@ -179,3 +179,42 @@ def test_mlp_in_pieces_equals_whole_sequence(tmp_path, monkeypatch, mode):
     assert abs(whole[0] - chunked[0]) < 1e-5 * abs(whole[0])
     for k in whole[1]:
         torch.testing.assert_close(chunked[1][k], whole[1][k], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["recompute", "offload"])
+def test_keep_activations_skips_the_recompute_of_the_last_layers_only(tmp_path, mode):
+    """--keep-activations N: the same loss and LoRA gradients as without checkpointing, and only the first
+    L - N layers run twice (forward, then again in backward)."""
+    from minilora.step import setup_for_training
+    from minilora.lora import apply_lora
+    from minilora.loss import causal_lm_loss
+
+    tiny_hf_model(tmp_path / "m", "llama", num_hidden_layers=3)
+
+    def run(checkpointing, keep):
+        torch.manual_seed(0)
+        model = load_model(tmp_path / "m", quantize="nf4", progress=False)
+        apply_lora(model, r=4, alpha=8)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.05)
+        setup_for_training(model, gradient_checkpointing=checkpointing, compile="off", device="cpu",
+                           offload=checkpointing and mode == "offload", keep_activations=keep)
+        calls = [0] * 3
+        for i, layer in enumerate(model.model.layers):
+            layer.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
+        ids = torch.randint(3, 128, (2, 13), generator=torch.Generator().manual_seed(1))
+        s, _ = causal_lm_loss(model.model(ids), model.lm_head.weight, ids)
+        s.backward()
+        return s.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, calls
+
+    plain = run(False, 0)
+    assert plain[2] == [1, 1, 1]
+    for keep, calls in [(0, [2, 2, 2]), (1, [2, 2, 1]), (3, [1, 1, 1])]:
+        loss, grads, seen = run(True, keep)
+        assert seen == calls, f"keep_activations={keep}: layer forward counts {seen}, expected {calls}"
+        assert abs(loss - plain[0]) < 1e-6 * abs(plain[0])
+        for k in grads:
+            torch.testing.assert_close(grads[k], plain[1][k], atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="3 decoder layers"):
+        run(True, 4)
