@@ -89,41 +89,13 @@ class NF4Matmul(torch.autograd.Function):
     def forward(ctx, x, packed, bias, quant_state):
         ctx.quant_state = quant_state
         ctx.save_for_backward(packed)
-        return F.linear(x, dequantize(packed, quant_state, x.dtype), bias)
+        return F.linear(x, bnbF.dequantize_4bit(packed, quant_state).to(x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad_y):
         (packed,) = ctx.saved_tensors
-        return grad_y @ dequantize(packed, ctx.quant_state, grad_y.dtype), None, None, None
-
-
-def dequantize(packed: torch.Tensor, qs, dtype: torch.dtype) -> torch.Tensor:
-    """The (out, in) weight: bitsandbytes' kernels when eager, `dequantize_nf4` inside a compiled layer."""
-    if torch.compiler.is_compiling() and qs.quant_type == "nf4" and qs.shape.numel() % qs.blocksize == 0:
-        return dequantize_nf4(packed, qs, dtype)
-    return bnbF.dequantize_4bit(packed, qs).to(dtype)
-
-
-def dequantize_nf4(packed: torch.Tensor, qs, dtype: torch.dtype) -> torch.Tensor:
-    """NF4 codes -> weights in plain PyTorch, equal to bitsandbytes' `dequantize_4bit` (tests/test_quant.py).
-
-        w[i] = code[nibble i] * absmax[i // 64]                  (high nibble of a byte first)
-        absmax[b] = code8[absmax_8bit[b]] * absmax2[b // 256] + offset   (double quantization)
-
-    Why write it out: inside a torch.compile'd layer this becomes ONE generated kernel per weight that
-    reads 4.13 bits and writes 16 per weight, where bitsandbytes runs two (the 8-bit absmax, then the
-    codes) at ~1.9 TB/s (bench/NOTES.md, section 11); and the compiler sees the weight as cheap to
-    rebuild from the codes, so it need not keep a bf16 copy from forward to backward.
-    """
-    absmax = qs.absmax
-    if qs.nested:  # the per-block scales are 8-bit codes themselves, in blocks of 256 with fp32 scales
-        s2 = qs.state2
-        block = torch.arange(absmax.numel(), device=absmax.device) // s2.blocksize
-        absmax = s2.code[absmax.long()] * s2.absmax[block] + qs.offset
-    codes = packed.reshape(-1)
-    nibbles = torch.stack((codes >> 4, codes & 0x0F), dim=-1).reshape(-1, qs.blocksize)  # (blocks, 64)
-    w = qs.code[nibbles.long()] * absmax.float()[:, None]
-    return w.reshape(qs.shape).to(dtype)
+        w = bnbF.dequantize_4bit(packed, ctx.quant_state).to(grad_y.dtype)
+        return grad_y @ w, None, None, None
 
 
 def quantized_bytes(model: nn.Module) -> int:
