@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import nf4_triton
+
 BLOCKSIZE = 64  # weights per absmax block, as in the QLoRA paper and bitsandbytes' default
 
 
@@ -50,7 +52,7 @@ class NF4Linear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """The (out, in) weight in compute dtype, as the matmul sees it."""
-        return bnbF.dequantize_4bit(self.weight, self.quant_state).to(self.compute_dtype)
+        return dequantize(self.weight, self.quant_state, self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.compute_dtype)
@@ -89,13 +91,19 @@ class NF4Matmul(torch.autograd.Function):
     def forward(ctx, x, packed, bias, quant_state):
         ctx.quant_state = quant_state
         ctx.save_for_backward(packed)
-        return F.linear(x, bnbF.dequantize_4bit(packed, quant_state).to(x.dtype), bias)
+        return F.linear(x, dequantize(packed, quant_state, x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad_y):
         (packed,) = ctx.saved_tensors
-        w = bnbF.dequantize_4bit(packed, ctx.quant_state).to(grad_y.dtype)
-        return grad_y @ w, None, None, None
+        return grad_y @ dequantize(packed, ctx.quant_state, grad_y.dtype), None, None, None
+
+
+def dequantize(packed: torch.Tensor, qs, dtype: torch.dtype) -> torch.Tensor:
+    """The (out, in) weight in `dtype`: one Triton kernel on a GPU (nf4_triton.py), else bitsandbytes'."""
+    if nf4_triton.supports(packed, qs):
+        return nf4_triton.dequantize(packed, qs, dtype)
+    return bnbF.dequantize_4bit(packed, qs).to(dtype)
 
 
 def quantized_bytes(model: nn.Module) -> int:

@@ -37,6 +37,55 @@ def test_nf4_linear_matches_bitsandbytes_linear4bit(quant_type, double_quant):
     torch.testing.assert_close(xa.grad, xb.grad, atol=1e-4, rtol=1e-4)
 
 
+NF4_KERNEL_CHECK = """
+import torch, bitsandbytes.functional as bnbF
+from minilora import nf4_triton
+from minilora.quant import NF4Linear
+torch.manual_seed(0)
+# 320 x 640: 3,200 blocks of 64, so the last of the 13 groups of 256 scales is partly filled; and a
+# size that is not a multiple of the kernel's 2,048 weights per program
+for rows, cols, dtype in [(320, 640, torch.float32), (96, 192, torch.bfloat16), (7, 64, torch.float32)]:
+    w = torch.randn(rows, cols) * torch.logspace(-3, 1, cols)  # scales that differ from block to block
+    qs_layer = NF4Linear.from_weight(w, compute_dtype=dtype)
+    qs = qs_layer.quant_state
+    ref = bnbF.dequantize_4bit(qs_layer.weight, qs).to(dtype)
+    got = nf4_triton.launch(qs_layer.weight, qs.code, qs.absmax, qs.state2.code, qs.state2.absmax,
+                            qs.offset.reshape(1), rows, cols, dtype)
+    if dtype == torch.float32:
+        assert torch.equal(got, ref), (rows, cols, (got - ref).abs().max())
+    else:  # the interpreter's fp32 -> bf16 conversion truncates: one bf16 step (2^-8..2^-7 relative) at most
+        torch.testing.assert_close(got, ref, atol=0, rtol=2**-7)
+print("ok")
+"""
+
+
+def test_triton_nf4_kernel_equals_bitsandbytes_on_the_cpu_interpreter():
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    # TRITON_INTERPRET must be set before triton compiles anything, so the check runs in a fresh process
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    out = subprocess.run([sys.executable, "-c", NF4_KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_triton_nf4_kernel_equals_bitsandbytes_on_the_gpu():
+    from minilora import nf4_triton
+
+    pytest.importorskip("triton")
+    torch.manual_seed(0)
+    for rows, cols in [(8960, 1536), (256, 1536), (4096, 14336)]:
+        layer = NF4Linear.from_weight(torch.randn(rows, cols, device="cuda"), compute_dtype=torch.bfloat16)
+        assert nf4_triton.supports(layer.weight, layer.quant_state)
+        ref = bnbF.dequantize_4bit(layer.weight, layer.quant_state).to(torch.bfloat16)
+        # the kernel may fuse scale * absmax2 + offset into one rounding (FMA): at most one bf16 step apart
+        torch.testing.assert_close(layer.dequantize(), ref, atol=0, rtol=2**-7)
+        assert (layer.dequantize() != ref).float().mean() < 1e-3
+
+
 def test_qlora_equals_lora_over_dequantized_weight():
     torch.manual_seed(0)
     w, x = torch.randn(64, 96), torch.randn(4, 96, requires_grad=True)

@@ -1,0 +1,85 @@
+"""NF4 dequantization in one Triton kernel: the GPU fast path of quant.py's `dequantize`.
+
+Every training matmul of a QLoRA model first turns a 4-bit weight back into bf16. bitsandbytes does
+it in two kernels: one dequantizes the 8-bit absmax of every block of 64 weights to fp32 (double
+quantization), the next the 4-bit codes. Profiled on an H100 the pair moves ~1.7-1.9 TB/s of the
+GPU's ~3.3: 20 ms of the 8B model's 393 ms step, 4.8 ms of the 1.5B's 115 (bench/NOTES.md, sections
+10 and 11). Here one kernel reads the codes and both levels of scales and writes the weight:
+
+    w[2i], w[2i+1] = NF4[byte_i >> 4] * s, NF4[byte_i & 15] * s     (high nibble first, as bitsandbytes packs)
+    s = CODE8[absmax8[i // 32]] * absmax2[i // (32 * 256)] + offset   (32 bytes = one block of 64 weights;
+                                                                        256 blocks share one fp32 scale)
+
+Each program handles BYTES packed bytes (2 * BYTES weights); the 16-entry NF4 table and the 256-entry
+8-bit code book are tiny and stay in cache, so the traffic is the 4.13 bits read and the 16 bits
+written per weight. torch.compile sees the kernel as one opaque op (`minilora::dequantize_nf4`),
+as it sees bitsandbytes'. Without Triton or a GPU, or for FP4 / single quantization, quant.py
+uses bitsandbytes.
+
+Reference: bitsandbytes' `dequantize_4bit`; tests/test_lora.py compares the two on the CPU through
+Triton's interpreter (TRITON_INTERPRET=1) and, on a GPU, the compiled kernel.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: quant.py falls back to bitsandbytes
+    triton = None
+
+BYTES = 1024  # packed bytes per program: 2,048 weights, 32 absmax blocks
+
+
+def supports(packed: torch.Tensor, qs) -> bool:
+    """Whether the kernel applies: Triton present, a CUDA tensor, NF4 with double quantization in blocks of
+    64 (and 256 for the scales), and whole blocks (every linear of the supported models)."""
+    return (triton is not None and packed.is_cuda and qs.quant_type == "nf4" and qs.nested
+            and qs.blocksize == 64 and qs.state2.blocksize == 256 and qs.shape.numel() % 64 == 0)
+
+
+def dequantize(packed: torch.Tensor, qs, dtype: torch.dtype) -> torch.Tensor:
+    """The (out, in) weight in `dtype`."""
+    rows, cols = qs.shape
+    return dequantize_nf4(packed, qs.code, qs.absmax, qs.state2.code, qs.state2.absmax, qs.offset.reshape(1),
+                          rows, cols, dtype)
+
+
+if triton is not None:
+    @triton.jit
+    def _dequantize_kernel(packed_ptr, code_ptr, absmax8_ptr, code8_ptr, absmax2_ptr, offset_ptr, out_ptr, n_bytes,
+                           BYTES: tl.constexpr):
+        i = tl.program_id(0) * BYTES + tl.arange(0, BYTES)  # byte i holds weights 2i and 2i+1
+        inside = i < n_bytes
+        byte = tl.load(packed_ptr + i, mask=inside, other=0).to(tl.int32)
+        block = i // 32
+        q = tl.load(absmax8_ptr + block, mask=inside, other=0).to(tl.int32)
+        scale = tl.load(code8_ptr + q) * tl.load(absmax2_ptr + block // 256, mask=inside, other=0.0)
+        scale = scale + tl.load(offset_ptr)
+        hi = tl.load(code_ptr + (byte >> 4)) * scale
+        lo = tl.load(code_ptr + (byte & 15)) * scale
+        w = tl.interleave(hi, lo)  # (2 * BYTES,): weight 2i, then 2i + 1
+        j = tl.program_id(0) * 2 * BYTES + tl.arange(0, 2 * BYTES)
+        tl.store(out_ptr + j, w.to(out_ptr.dtype.element_ty), mask=j < 2 * n_bytes)
+
+
+def launch(packed, code, absmax8, code8, absmax2, offset, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """Run the kernel (on the CPU too, under TRITON_INTERPRET=1: how the tests check it)."""
+    out = torch.empty(rows, cols, dtype=dtype, device=packed.device)
+    n_bytes = rows * cols // 2
+    _dequantize_kernel[(triton.cdiv(n_bytes, BYTES),)](packed, code, absmax8, code8, absmax2, offset, out, n_bytes,
+                                                       BYTES=BYTES)
+    return out
+
+
+@torch.library.custom_op("minilora::dequantize_nf4", mutates_args=())
+def dequantize_nf4(packed: torch.Tensor, code: torch.Tensor, absmax8: torch.Tensor, code8: torch.Tensor,
+                   absmax2: torch.Tensor, offset: torch.Tensor, rows: int, cols: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+    return launch(packed, code, absmax8, code8, absmax2, offset, rows, cols, dtype)
+
+
+@dequantize_nf4.register_fake
+def _(packed, code, absmax8, code8, absmax2, offset, rows, cols, dtype):
+    return packed.new_empty((rows, cols), dtype=dtype)
