@@ -169,8 +169,14 @@ class HostEmbedding(nn.Module):
         self.target = torch.device(device)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        rows = F.embedding(input_ids.to("cpu"), self.weight)
-        return rows.pin_memory().to(self.target, non_blocking=True) if self.target.type == "cuda" else rows
+        ids = input_ids.to("cpu")
+        if self.target.type != "cuda":
+            return F.embedding(ids, self.weight)
+        # gathered straight into page-locked memory (one pass over the rows, not a gather and then a copy into
+        # pinned memory), then sent asynchronously; torch's pinned allocator reuses it once the copy is done
+        rows = torch.empty((ids.numel(), self.weight.shape[1]), dtype=self.weight.dtype, pin_memory=True)
+        torch.index_select(self.weight, 0, ids.reshape(-1), out=rows)
+        return rows.view(*ids.shape, -1).to(self.target, non_blocking=True)
 
     def _apply(self, fn, recurse=True):
         return self  # stays on the host whatever .to() the model gets

@@ -1,4 +1,4 @@
-"""NF4 (4-bit NormalFloat) linear layers: the only file that touches bitsandbytes' 4-bit storage.
+"""NF4 (4-bit NormalFloat) linear layers, stored by bitsandbytes (nf4_triton.py reads them back faster on a GPU).
 
 QLoRA (Dettmers et al., 2023) keeps the frozen base weights in 4 bits:
 - each block of 64 weights is scaled by its absmax into [-1, 1] and snapped to
