@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import lora_mlp
 from .offload import OffloadedCheckpoint
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
@@ -210,9 +211,14 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(i, h, bias=cfg.mlp_bias)
         self.in_pieces = True
+        self.fold_lora = True  # training: gate and up with their LoRA adapters in two GEMMs (lora_mlp.py)
 
     def swiglu(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.fold_lora and torch.is_grad_enabled() and lora_mlp.can_fold(self.gate_proj, self.up_proj):
+            gate, up = lora_mlp.gate_up(self.gate_proj, self.up_proj, x)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
     def forward(self, x):
         if self.in_pieces and x.shape[1] > MLP_CHUNK_TOKENS:

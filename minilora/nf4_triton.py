@@ -13,7 +13,8 @@ GPU's ~3.3: 20 ms of the 8B model's 393 ms step, 4.8 ms of the 1.5B's 115 (bench
 Each program handles BYTES packed bytes (2 * BYTES weights); the 16-entry NF4 table and the 256-entry
 8-bit code book are tiny and stay in cache, so the traffic is the 4.13 bits read and the 16 bits
 written per weight. torch.compile sees the kernel as one opaque op (`minilora::dequantize_nf4`),
-as it sees bitsandbytes'. Without Triton or a GPU, or for FP4 / single quantization, quant.py
+as it sees bitsandbytes'. `extra` columns can follow each row of the weight (lora_mlp.py puts the LoRA
+factors there): the kernel then writes rows `cols + extra` apart, and no copy of the weight is needed. Without Triton or a GPU, or for FP4 / single quantization, quant.py
 uses bitsandbytes.
 
 Reference: bitsandbytes' `dequantize_4bit`; tests/test_lora.py compares the two on the CPU through
@@ -39,17 +40,17 @@ def supports(packed: torch.Tensor, qs) -> bool:
             and qs.blocksize == 64 and qs.state2.blocksize == 256 and qs.shape.numel() % 64 == 0)
 
 
-def dequantize(packed: torch.Tensor, qs, dtype: torch.dtype) -> torch.Tensor:
-    """The (out, in) weight in `dtype`."""
+def dequantize(packed: torch.Tensor, qs, dtype: torch.dtype, extra: torch.Tensor | None = None) -> torch.Tensor:
+    """The (out, in) weight in `dtype`; with `extra` (out, k), the (out, in + k) matrix [weight | extra]."""
     rows, cols = qs.shape
     return dequantize_nf4(packed, qs.code, qs.absmax, qs.state2.code, qs.state2.absmax, qs.offset.reshape(1),
-                          rows, cols, dtype)
+                          rows, cols, dtype, extra)
 
 
 if triton is not None:
     @triton.jit
     def _dequantize_kernel(packed_ptr, code_ptr, absmax8_ptr, code8_ptr, absmax2_ptr, offset_ptr, out_ptr, n_bytes,
-                           BYTES: tl.constexpr):
+                           cols, row_stride, BYTES: tl.constexpr, STRIDED: tl.constexpr):
         i = tl.program_id(0) * BYTES + tl.arange(0, BYTES)  # byte i holds weights 2i and 2i+1
         inside = i < n_bytes
         byte = tl.load(packed_ptr + i, mask=inside, other=0).to(tl.int32)
@@ -60,26 +61,31 @@ if triton is not None:
         hi = tl.load(code_ptr + (byte >> 4)) * scale
         lo = tl.load(code_ptr + (byte & 15)) * scale
         w = tl.interleave(hi, lo)  # (2 * BYTES,): weight 2i, then 2i + 1
-        j = tl.program_id(0) * 2 * BYTES + tl.arange(0, 2 * BYTES)
-        tl.store(out_ptr + j, w.to(out_ptr.dtype.element_ty), mask=j < 2 * n_bytes)
+        j = tl.program_id(0) * 2 * BYTES + tl.arange(0, 2 * BYTES)  # weight j is row j // cols, column j % cols
+        where = (j // cols) * row_stride + j % cols if STRIDED else j
+        tl.store(out_ptr + where, w.to(out_ptr.dtype.element_ty), mask=j < 2 * n_bytes)
 
 
-def launch(packed, code, absmax8, code8, absmax2, offset, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+def launch(packed, code, absmax8, code8, absmax2, offset, rows: int, cols: int, dtype: torch.dtype,
+           extra: torch.Tensor | None = None) -> torch.Tensor:
     """Run the kernel (on the CPU too, under TRITON_INTERPRET=1: how the tests check it)."""
-    out = torch.empty(rows, cols, dtype=dtype, device=packed.device)
+    k = 0 if extra is None else extra.shape[1]
+    out = torch.empty(rows, cols + k, dtype=dtype, device=packed.device)
     n_bytes = rows * cols // 2
     _dequantize_kernel[(triton.cdiv(n_bytes, BYTES),)](packed, code, absmax8, code8, absmax2, offset, out, n_bytes,
-                                                       BYTES=BYTES)
+                                                       cols, cols + k, BYTES=BYTES, STRIDED=k > 0)
+    if k:
+        out[:, cols:] = extra
     return out
 
 
 @torch.library.custom_op("minilora::dequantize_nf4", mutates_args=())
 def dequantize_nf4(packed: torch.Tensor, code: torch.Tensor, absmax8: torch.Tensor, code8: torch.Tensor,
-                   absmax2: torch.Tensor, offset: torch.Tensor, rows: int, cols: int,
-                   dtype: torch.dtype) -> torch.Tensor:
-    return launch(packed, code, absmax8, code8, absmax2, offset, rows, cols, dtype)
+                   absmax2: torch.Tensor, offset: torch.Tensor, rows: int, cols: int, dtype: torch.dtype,
+                   extra: torch.Tensor | None = None) -> torch.Tensor:
+    return launch(packed, code, absmax8, code8, absmax2, offset, rows, cols, dtype, extra)
 
 
 @dequantize_nf4.register_fake
-def _(packed, code, absmax8, code8, absmax2, offset, rows, cols, dtype):
-    return packed.new_empty((rows, cols), dtype=dtype)
+def _(packed, code, absmax8, code8, absmax2, offset, rows, cols, dtype, extra=None):
+    return packed.new_empty((rows, cols + (0 if extra is None else extra.shape[1])), dtype=dtype)

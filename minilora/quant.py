@@ -99,11 +99,13 @@ class NF4Matmul(torch.autograd.Function):
         return grad_y @ dequantize(packed, ctx.quant_state, grad_y.dtype), None, None, None
 
 
-def dequantize(packed: torch.Tensor, qs, dtype: torch.dtype) -> torch.Tensor:
-    """The (out, in) weight in `dtype`: one Triton kernel on a GPU (nf4_triton.py), else bitsandbytes'."""
+def dequantize(packed: torch.Tensor, qs, dtype: torch.dtype, extra: torch.Tensor | None = None) -> torch.Tensor:
+    """The (out, in) weight in `dtype`: one Triton kernel on a GPU (nf4_triton.py), else bitsandbytes'.
+    With `extra` (out, k): the (out, in + k) matrix [weight | extra] (lora_mlp.py)."""
     if nf4_triton.supports(packed, qs):
-        return nf4_triton.dequantize(packed, qs, dtype)
-    return bnbF.dequantize_4bit(packed, qs).to(dtype)
+        return nf4_triton.dequantize(packed, qs, dtype, extra)
+    w = bnbF.dequantize_4bit(packed, qs).to(dtype)
+    return w if extra is None else torch.cat([w, extra.to(dtype)], dim=1)
 
 
 def quantized_bytes(model: nn.Module) -> int:

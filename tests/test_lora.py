@@ -53,6 +53,10 @@ for rows, cols, dtype in [(320, 640, torch.float32), (96, 192, torch.bfloat16), 
                             qs.offset.reshape(1), rows, cols, dtype)
     if dtype == torch.float32:
         assert torch.equal(got, ref), (rows, cols, (got - ref).abs().max())
+        extra = torch.randn(rows, 8)  # columns after each row (lora_mlp.py): the weight is written rows 8 apart
+        wide = nf4_triton.launch(qs_layer.weight, qs.code, qs.absmax, qs.state2.code, qs.state2.absmax,
+                                 qs.offset.reshape(1), rows, cols, dtype, extra)
+        assert torch.equal(wide[:, :cols], ref) and torch.equal(wide[:, cols:], extra)
     else:  # the interpreter's fp32 -> bf16 conversion truncates: one bf16 step (2^-8..2^-7 relative) at most
         torch.testing.assert_close(got, ref, atol=0, rtol=2**-7)
 print("ok")
@@ -155,3 +159,35 @@ def test_bad_rank(tmp_path, r):
     tiny_hf_model(tmp_path / "m", "llama")
     with pytest.raises(ValueError, match="positive"):
         apply_lora(load_model(tmp_path / "m", progress=False), r=r)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_folded_gate_up_equals_two_lora_linears(double_quant):
+    """lora_mlp.gate_up against LoRALinear's y = base(x) + s B A x: outputs, and the gradients of x, A and B."""
+    from minilora.lora_mlp import can_fold, gate_up
+
+    torch.manual_seed(0)
+    mods = [LoRALinear(NF4Linear.from_weight(torch.randn(96, 64), double_quant=double_quant,
+                                             compute_dtype=torch.float32), r=4, alpha=8) for _ in range(2)]
+    for m in mods:
+        torch.nn.init.normal_(m.lora_B.weight)  # B = 0 would hide the LoRA path
+    assert can_fold(*mods)
+    x = torch.randn(2, 5, 64)
+    g1, g2 = torch.randn(2, 5, 96), torch.randn(2, 5, 96)
+
+    def run(fn):
+        xi = x.clone().requires_grad_()
+        y_g, y_u = fn(xi)
+        ((y_g * g1).sum() + (y_u * g2).sum()).backward()
+        grads = [xi.grad] + [p.grad.clone() for m in mods for p in (m.lora_A.weight, m.lora_B.weight)]
+        for m in mods:
+            m.zero_grad(set_to_none=True)
+        return (y_g, y_u), grads
+
+    ref_out, ref_grads = run(lambda xi: (mods[0](xi), mods[1](xi)))
+    out, grads = run(lambda xi: gate_up(mods[0], mods[1], xi))
+    for got, want in zip(list(out) + grads, list(ref_out) + ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    # dropout, a bias or two ranks: not folded
+    assert not can_fold(mods[0], LoRALinear(NF4Linear.from_weight(torch.randn(96, 64)), r=8, alpha=8))
+    assert not can_fold(mods[0], LoRALinear(NF4Linear.from_weight(torch.randn(96, 64)), r=4, alpha=8, dropout=0.1))
