@@ -41,6 +41,24 @@ def tiny_hf_model(folder, kind="llama", seed=0, **overrides):
     return model
 
 
+def trainable_nf4_model(folder, **setup):
+    """The checkpoint in `folder` in NF4, LoRA r=4 on every projection with B random (B = 0 would hide the LoRA
+    path), set up for training on the CPU: no recompute and no compile unless `setup` says so."""
+    from minilora.checkpoint import load_model
+    from minilora.lora import apply_lora
+    from minilora.step import setup_for_training
+
+    torch.manual_seed(0)
+    model = load_model(folder, quantize="nf4", progress=False)
+    apply_lora(model, r=4, alpha=8)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    setup_for_training(model, device="cpu", **{"gradient_checkpointing": False, "compile": "off", **setup})
+    return model
+
+
+
 @pytest.fixture
 def tiny_llama(tmp_path):
     folder = tmp_path / "llama"

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_hf_model
+from conftest import tiny_hf_model, trainable_nf4_model
 from minilora.checkpoint import load_model
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -142,32 +142,29 @@ def test_pickle_checkpoint_is_refused(tmp_path):
         load_model(tmp_path / "m")
 
 
+def _loss_and_lora_grads(model, length: int):
+    from minilora.loss import causal_lm_loss
+
+    ids = torch.randint(3, 128, (2, length), generator=torch.Generator().manual_seed(1))
+    s, _ = causal_lm_loss(model.model(ids), model.lm_head.weight, ids)
+    s.backward()
+    return s.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
 @pytest.mark.parametrize("mode", ["plain", "recompute", "offload"])
 def test_mlp_in_pieces_equals_whole_sequence(tmp_path, monkeypatch, mode):
     """The long-sequence MLP (pieces of MLP_CHUNK_TOKENS / 2 positions; checkpointed ones when gradients are on,
     plain ones in the no-gradient forward of an offloaded layer) against the whole-sequence MLP: the same loss
     and LoRA gradients, without and with per-layer recompute around it, and in lean mode."""
-    from minilora.step import setup_for_training
     from minilora import model as M
-    from minilora.lora import apply_lora
-    from minilora.loss import causal_lm_loss
 
     tiny_hf_model(tmp_path / "m", "qwen2", num_hidden_layers=2)
 
     def run(chunk):
         monkeypatch.setattr(M, "MLP_CHUNK_TOKENS", chunk)
-        torch.manual_seed(0)
-        model = load_model(tmp_path / "m", quantize="nf4", progress=False)
-        apply_lora(model, r=4, alpha=8)
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                torch.nn.init.normal_(p, std=0.05)
-        setup_for_training(model, gradient_checkpointing=mode == "recompute", compile="off", device="cpu",
-                           offload=mode == "offload")
-        ids = torch.randint(3, 128, (2, 21), generator=torch.Generator().manual_seed(1))
-        s, _ = causal_lm_loss(model.model(ids), model.lm_head.weight, ids)
-        s.backward()
-        return s.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        model = trainable_nf4_model(tmp_path / "m", gradient_checkpointing=mode == "recompute",
+                                     offload=mode == "offload")
+        return _loss_and_lora_grads(model, 21)
 
     pieces = []
     real = M.MLP.swiglu_in_pieces
@@ -185,28 +182,15 @@ def test_mlp_in_pieces_equals_whole_sequence(tmp_path, monkeypatch, mode):
 def test_keep_activations_skips_the_recompute_of_the_last_layers_only(tmp_path, mode):
     """--keep-activations N: the same loss and LoRA gradients as without checkpointing, and only the first
     L - N layers run twice (forward, then again in backward)."""
-    from minilora.step import setup_for_training
-    from minilora.lora import apply_lora
-    from minilora.loss import causal_lm_loss
-
     tiny_hf_model(tmp_path / "m", "llama", num_hidden_layers=3)
 
     def run(checkpointing, keep):
-        torch.manual_seed(0)
-        model = load_model(tmp_path / "m", quantize="nf4", progress=False)
-        apply_lora(model, r=4, alpha=8)
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                torch.nn.init.normal_(p, std=0.05)
-        setup_for_training(model, gradient_checkpointing=checkpointing, compile="off", device="cpu",
-                           offload=checkpointing and mode == "offload", keep_activations=keep)
+        model = trainable_nf4_model(tmp_path / "m", gradient_checkpointing=checkpointing,
+                                     offload=checkpointing and mode == "offload", keep_activations=keep)
         calls = [0] * 3
         for i, layer in enumerate(model.model.layers):
             layer.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
-        ids = torch.randint(3, 128, (2, 13), generator=torch.Generator().manual_seed(1))
-        s, _ = causal_lm_loss(model.model(ids), model.lm_head.weight, ids)
-        s.backward()
-        return s.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, calls
+        return *_loss_and_lora_grads(model, 13), calls
 
     plain = run(False, 0)
     assert plain[2] == [1, 1, 1]

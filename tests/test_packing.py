@@ -10,13 +10,11 @@ padded run step for step.
 import pytest
 import torch
 
-from conftest import tiny_hf_model
+from conftest import tiny_hf_model, trainable_nf4_model
 from minilora import data as D
 from minilora import packing
-from minilora.checkpoint import load_model
-from minilora.lora import apply_lora
 from minilora.loss import causal_lm_loss
-from minilora.step import hidden_states, make_batch, setup_for_training
+from minilora.step import hidden_states, make_batch
 from test_distributed import assert_same_run
 from test_train import run_train, tiny_run_args
 
@@ -35,17 +33,6 @@ def examples(n=4, seed=0):
     return out
 
 
-def model_for(folder, **setup):
-    torch.manual_seed(0)
-    model = load_model(folder, quantize="nf4", progress=False)
-    apply_lora(model, r=4, alpha=8)
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.05)
-    setup_for_training(model, device="cpu", **{"gradient_checkpointing": False, "compile": "off", **setup})
-    return model
-
-
 def loss_and_grads(model, batches):
     model.zero_grad(set_to_none=True)
     total, count = 0.0, 0
@@ -60,7 +47,7 @@ def loss_and_grads(model, batches):
                                         ("qwen2", {"offload": True}), ("llama", {"compile": "on"})])
 def test_packed_row_equals_each_example_alone(tmp_path, kind, setup):
     tiny_hf_model(tmp_path / "m", kind, num_hidden_layers=2)
-    model = model_for(tmp_path / "m", **setup)
+    model = trainable_nf4_model(tmp_path / "m", **setup)
     ex = examples()
     alone = loss_and_grads(model, [make_batch([e], 0, "cpu") for e in ex])
     packed = loss_and_grads(model, [make_batch(ex, 0, "cpu", padding_free=True)])
@@ -96,7 +83,7 @@ def test_evaluate_runs_without_autograd(tmp_path, monkeypatch):
     from minilora import step
 
     tiny_hf_model(tmp_path / "m", "llama", num_hidden_layers=1)
-    model = model_for(tmp_path / "m")
+    model = trainable_nf4_model(tmp_path / "m")
     modes, real = [], step.causal_lm_loss
     monkeypatch.setattr(step, "causal_lm_loss", lambda *a, **kw: modes.append(torch.is_grad_enabled()) or real(*a, **kw))
     for padding_free in (False, True):
