@@ -19,9 +19,9 @@ weight straight into its wider matrix (quant.dequantize's `extra` columns). Back
     dxa = s dxc[:, in:]                                      the last 2r the gradient of x [A_g; A_u]^T
     dx  = dxc[:, :in] + dxa @ [A_g; A_u]      dA = dxa^T @ x      dB_g = dy_g^T @ xc[:, in:in+r]  (and B_u)
 
-the weights dequantized again, as quant.py's NF4Matmul does. model.MLP uses this when gradients flow and
-both projections are LoRA over NF4 of one rank and scale, without dropout or bias; otherwise (generation,
-eval, FSDP) the projections run as lora.py does. Reference: tests/test_lora.py compares outputs and
+the weights dequantized again, as quant.py's NF4Matmul does. model.MLP uses this in training mode when both
+projections are LoRA over NF4 of one rank and scale, without dropout or bias; otherwise (generation, eval,
+FSDP) the projections run as lora.py does. Reference: tests/test_lora.py compares outputs and
 gradients with LoRALinear's.
 """
 from __future__ import annotations

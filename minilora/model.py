@@ -211,10 +211,12 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(i, h, bias=cfg.mlp_bias)
         self.in_pieces = True
-        self.fold_lora = True  # training: gate and up with their LoRA adapters in two GEMMs (lora_mlp.py)
+        # training: gate and up with their LoRA adapters in two GEMMs (lora_mlp.py); decided by the mode, not by
+        # whether gradients flow, so that an offloaded layer's no-grad forward and its recompute compute alike
+        self.fold_lora = True
 
     def swiglu(self, x):
-        if self.fold_lora and torch.is_grad_enabled() and lora_mlp.can_fold(self.gate_proj, self.up_proj):
+        if self.fold_lora and self.training and lora_mlp.can_fold(self.gate_proj, self.up_proj):
             gate, up = lora_mlp.gate_up(self.gate_proj, self.up_proj, x)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)

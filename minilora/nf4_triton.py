@@ -22,6 +22,8 @@ Triton's interpreter (TRITON_INTERPRET=1) and, on a GPU, the compiled kernel.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 try:
@@ -36,7 +38,8 @@ BYTES = 1024  # packed bytes per program: 2,048 weights, 32 absmax blocks
 def supports(packed: torch.Tensor, qs) -> bool:
     """Whether the kernel applies: Triton present, a CUDA tensor, NF4 with double quantization in blocks of
     64 (and 256 for the scales), and whole blocks (every linear of the supported models)."""
-    return (triton is not None and packed.is_cuda and qs.quant_type == "nf4" and qs.nested
+    return (triton is not None and packed.is_cuda and packed.dtype == torch.uint8 and packed.is_contiguous()
+            and qs.quant_type == "nf4" and qs.nested
             and qs.blocksize == 64 and qs.state2.blocksize == 256 and qs.shape.numel() % 64 == 0)
 
 
@@ -72,8 +75,10 @@ def launch(packed, code, absmax8, code8, absmax2, offset, rows: int, cols: int, 
     k = 0 if extra is None else extra.shape[1]
     out = torch.empty(rows, cols + k, dtype=dtype, device=packed.device)
     n_bytes = rows * cols // 2
-    _dequantize_kernel[(triton.cdiv(n_bytes, BYTES),)](packed, code, absmax8, code8, absmax2, offset, out, n_bytes,
-                                                       cols, cols + k, BYTES=BYTES, STRIDED=k > 0)
+    # Triton launches on the current device: make it the weight's (--device cuda:1 in a single process)
+    with torch.cuda.device(packed.device) if packed.is_cuda else contextlib.nullcontext():
+        _dequantize_kernel[(triton.cdiv(n_bytes, BYTES),)](packed, code, absmax8, code8, absmax2, offset, out,
+                                                           n_bytes, cols, cols + k, BYTES=BYTES, STRIDED=k > 0)
     if k:
         out[:, cols:] = extra
     return out

@@ -94,9 +94,10 @@ class TrainConfig:
     # optimizer and memory
     optim: str = _f("adamw8bit", "optimizer (bitsandbytes 8-bit AdamW, or torch's)", ("adamw8bit", "adamw", "paged_adamw8bit"))
     gradient_checkpointing: bool = _f(True, "recompute each decoder layer in backward: less memory, ~1/3 more compute")
-    keep_activations: int = _f(0, "with gradient checkpointing or --offload: the last N decoder layers keep their "
-                                  "activations instead of recomputing them in backward; each is ~1/L of the "
-                                  "recompute for one layer's activations (~0.26 GiB at 1.5B, 2 x 2048 tokens)")
+    keep_activations: int = _f(0, "with gradient checkpointing or --offload: this many of the last decoder layers keep "
+                                  "their activations instead of being recomputed in backward; each saves ~1/L of the "
+                                  "recompute time (L: the model's decoder layers, the most this can be) and costs one "
+                                  "layer's activations of GPU memory (0.29 GiB for the 1.5B model at 2 x 2048 tokens)")
     offload: bool = _f(False, "lean mode: keep checkpointed layer inputs and the embedding table in host memory")
     fsdp: bool = _f(False, "under torchrun: shard the frozen 4-bit base across the ranks with FSDP2, for models "
                            "too large for one GPU (LoRA stays replicated)")
@@ -345,6 +346,7 @@ def set_up(cfg: TrainConfig) -> Run:
             smollm2_folder()
         dp.barrier()
         model_path = smollm2_folder()
+    check_keep_activations(cfg, model_path)
     tok = Tokenizer(model_path)
     train, evals, _template, demo_eval = load_data(cfg, tok)  # all of it, before the model takes any memory
     dp.check_same_everywhere(asdict(cfg), train)  # every rank: same flags, same data, or a clear stop
@@ -438,6 +440,15 @@ def load_data(cfg: TrainConfig, tok: Tokenizer):
         raise D.DataError(f"{cfg.data or 'demo'}: no training examples left after filtering ({stats}).")
     print("example (the [bracketed] prompt is masked out of the loss):\n" + D.show_example(train[0], tok))
     return train, evals, template, demo_eval
+
+
+def check_keep_activations(cfg: TrainConfig, model_path: Path):
+    """--keep-activations against the model's layer count, before the data and the model take minutes to load."""
+    if cfg.keep_activations:
+        layers = json.loads((Path(model_path) / "config.json").read_text()).get("num_hidden_layers", 0)
+        if cfg.keep_activations > layers:
+            raise UsageError(f"--keep-activations {cfg.keep_activations}: {Path(model_path) / 'config.json'} has "
+                             f"{layers} decoder layers; choose 0 (recompute every layer) to {layers}.")
 
 
 def build_model(cfg: TrainConfig, model_path: Path, device: torch.device):

@@ -88,6 +88,9 @@ def test_triton_nf4_kernel_equals_bitsandbytes_on_the_gpu():
         # the kernel may fuse scale * absmax2 + offset into one rounding (FMA): at most one bf16 step apart
         torch.testing.assert_close(layer.dequantize(), ref, atol=0, rtol=2**-7)
         assert (layer.dequantize() != ref).float().mean() < 1e-3
+        extra = torch.randn(rows, 32, device="cuda", dtype=torch.bfloat16)  # lora_mlp.py's [W | B | 0]
+        wide = nf4_triton.dequantize(layer.weight, layer.quant_state, torch.bfloat16, extra)
+        assert torch.equal(wide[:, :cols], layer.dequantize()) and torch.equal(wide[:, cols:], extra)
 
 
 def test_qlora_equals_lora_over_dequantized_weight():
@@ -188,6 +191,48 @@ def test_folded_gate_up_equals_two_lora_linears(double_quant):
     out, grads = run(lambda xi: gate_up(mods[0], mods[1], xi))
     for got, want in zip(list(out) + grads, list(ref_out) + ref_grads):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    # dropout, a bias or two ranks: not folded
+    # two ranks, dropout or a bias: not folded
     assert not can_fold(mods[0], LoRALinear(NF4Linear.from_weight(torch.randn(96, 64)), r=8, alpha=8))
     assert not can_fold(mods[0], LoRALinear(NF4Linear.from_weight(torch.randn(96, 64)), r=4, alpha=8, dropout=0.1))
+    assert not can_fold(mods[0], LoRALinear(NF4Linear.from_weight(torch.randn(96, 64), torch.randn(96)), r=4, alpha=8))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_folded_gate_up_equals_two_lora_linears_on_the_gpu():
+    """The GPU path: bf16, the Triton kernel writing each weight into its wider matrix."""
+    from minilora.lora_mlp import gate_up
+
+    torch.manual_seed(0)
+    mods = [LoRALinear(NF4Linear.from_weight(torch.randn(1024, 512, device="cuda")), r=16, alpha=16)
+            for _ in range(2)]
+    for m in mods:
+        torch.nn.init.normal_(m.lora_B.weight, std=0.1)
+    x = torch.randn(2, 256, 512, device="cuda", dtype=torch.bfloat16)
+    outs = []
+    for fn in (lambda xi: (mods[0](xi), mods[1](xi)), lambda xi: gate_up(mods[0], mods[1], xi)):
+        xi = x.clone().requires_grad_()
+        y_g, y_u = fn(xi)
+        (y_g.float().square().sum() + y_u.float().sum()).backward()
+        outs.append([y_g, y_u, xi.grad] + [p.grad.clone() for m in mods for p in (m.lora_A.weight, m.lora_B.weight)])
+        for m in mods:
+            m.zero_grad(set_to_none=True)
+    for got, want in zip(outs[1], outs[0]):  # bf16 sums in another order: ~0.3% apart (reviewer's H100 run)
+        assert (got.float() - want.float()).norm() <= 2e-2 * want.float().norm()
+
+
+def test_training_mlp_folds_gate_and_up_and_eval_does_not(tmp_path, monkeypatch):
+    from minilora import lora_mlp
+    from conftest import trainable_nf4_model
+
+    tiny_hf_model(tmp_path / "m", "llama", num_hidden_layers=1)
+    model = trainable_nf4_model(tmp_path / "m")
+    calls = []
+    real = lora_mlp.gate_up
+    monkeypatch.setattr(lora_mlp, "gate_up", lambda *a: calls.append(1) or real(*a))
+    ids = torch.randint(3, 128, (1, 9))
+    with torch.no_grad():
+        model.model(ids)  # training mode without gradients (an offloaded layer's forward): folded too
+    assert len(calls) == 1
+    model.eval()
+    model.model(ids)
+    assert len(calls) == 1

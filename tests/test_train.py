@@ -257,11 +257,20 @@ def test_finished_run_is_not_overwritten(tmp_path):
     (["--cuda-graphs", "on", "--dropout", "0.1"], "--cuda-graphs on cannot record --dropout"),
     (["--cuda-graphs", "on", "--device", "cpu"], "--cuda-graphs on needs a CUDA GPU with bf16"),
     (["--cuda-graphs", "on", "--offload", "--device", "cpu"], "--cuda-graphs on needs a CUDA GPU"),  # no clash
+    (["--keep-activations", "-1"], "--keep-activations must be >= 0"),
+    (["--keep-activations", "2", "--no-gradient-checkpointing"], "--keep-activations N spares N layers the recompute"),
 ])
 def test_bad_flags(args, message):
     r = run_train(["--model", "x", "--data", "y.jsonl", *args])
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_keep_activations_beyond_the_layers_stops_before_loading(tmp_path):
+    args = tiny_run_args(tmp_path, tmp_path / "o")  # the tiny model has 2 decoder layers
+    r = run_train(args + ["--keep-activations", "3"])
+    assert r.returncode == 2 and "config.json has 2 decoder layers; choose 0" in r.stderr, r.stderr
+    assert "template:" not in r.stdout and "trainable params" not in r.stdout  # stopped before the data and model
 
 
 def test_config_file_is_validated(tmp_path):
