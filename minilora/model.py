@@ -282,11 +282,10 @@ class DecoderModel(nn.Module):
             x = x.detach().requires_grad_()  # so the custom checkpoint's backward runs (the embedding is frozen)
         recomputed = len(self.layers) - self.keep_activations
         for i, layer in enumerate(self.layers):
-            if i >= recomputed or not self.training:
-                x = layer(x, cos, sin, mask, cache_pos)
-            elif self.offloader is not None:
+            recompute = self.training and i < recomputed
+            if recompute and self.offloader is not None:
                 x = OffloadedCheckpoint.apply(x, self.offloader, layer, self.recompute_rng, cos, sin, mask, cache_pos)
-            elif self.gradient_checkpointing:
+            elif recompute and self.gradient_checkpointing:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache_pos, use_reentrant=False,
                                                       preserve_rng_state=self.recompute_rng)
             else:

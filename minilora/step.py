@@ -34,10 +34,7 @@ def setup_for_training(model, *, gradient_checkpointing: bool, compile: str, dev
     per-chunk softmax is compiled alongside (loss.py). `keep_activations`: the last N layers are not
     recomputed (model.py).
     """
-    layers = len(model.model.layers)
-    if not 0 <= keep_activations <= layers:
-        raise ValueError(f"--keep-activations {keep_activations}: the model has {layers} decoder layers; "
-                         f"choose 0 (recompute every layer) to {layers}.")
+    check_keep_activations(keep_activations, len(model.model.layers), "the model")
     model.model.gradient_checkpointing = gradient_checkpointing or offload
     model.model.keep_activations = keep_activations
     model.model.recompute_rng = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
@@ -50,6 +47,13 @@ def setup_for_training(model, *, gradient_checkpointing: bool, compile: str, dev
             layer.compile()
         model.compile_loss = True
     model.train()
+
+
+def check_keep_activations(keep: int, layers: int, source: str) -> None:
+    """--keep-activations must lie in 0..L; train.py calls this with the config.json's L before loading anything."""
+    if not 0 <= keep <= layers:
+        raise ValueError(f"--keep-activations {keep}: {source} has {layers} decoder layers; "
+                         f"choose 0 (recompute every layer) to {layers}.")
 
 
 def make_optimizer(params, cfg):

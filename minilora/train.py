@@ -50,8 +50,8 @@ from .offload import host_embedding
 from .report import demo_report, oom_advice, plot_losses, print_demo_summary
 from .resume import (SAVE_ERRORS, find_resume, prepare_output, restore, rewind_metrics, rng_state, save_checkpoint,
                      why)
-from .step import (evaluate, flatten_for_optimizer, label_tokens, lr_at, make_batch, make_optimizer, make_scaler,
-                   micro_batches, rank_slice, setup_for_training, train_step)
+from .step import (check_keep_activations, evaluate, flatten_for_optimizer, label_tokens, lr_at, make_batch,
+                   make_optimizer, make_scaler, micro_batches, rank_slice, setup_for_training, train_step)
 from .tokenizer import Tokenizer
 
 
@@ -346,7 +346,10 @@ def set_up(cfg: TrainConfig) -> Run:
             smollm2_folder()
         dp.barrier()
         model_path = smollm2_folder()
-    check_keep_activations(cfg, model_path)
+    if cfg.keep_activations:  # against the model's layer count now, not after minutes of loading
+        config = Path(model_path) / "config.json"
+        check_keep_activations(cfg.keep_activations, json.loads(config.read_text()).get("num_hidden_layers", 0),
+                               str(config))
     tok = Tokenizer(model_path)
     train, evals, _template, demo_eval = load_data(cfg, tok)  # all of it, before the model takes any memory
     dp.check_same_everywhere(asdict(cfg), train)  # every rank: same flags, same data, or a clear stop
@@ -440,15 +443,6 @@ def load_data(cfg: TrainConfig, tok: Tokenizer):
         raise D.DataError(f"{cfg.data or 'demo'}: no training examples left after filtering ({stats}).")
     print("example (the [bracketed] prompt is masked out of the loss):\n" + D.show_example(train[0], tok))
     return train, evals, template, demo_eval
-
-
-def check_keep_activations(cfg: TrainConfig, model_path: Path):
-    """--keep-activations against the model's layer count, before the data and the model take minutes to load."""
-    if cfg.keep_activations:
-        layers = json.loads((Path(model_path) / "config.json").read_text()).get("num_hidden_layers", 0)
-        if cfg.keep_activations > layers:
-            raise UsageError(f"--keep-activations {cfg.keep_activations}: {Path(model_path) / 'config.json'} has "
-                             f"{layers} decoder layers; choose 0 (recompute every layer) to {layers}.")
 
 
 def build_model(cfg: TrainConfig, model_path: Path, device: torch.device):
