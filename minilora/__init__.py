@@ -1,0 +1,35 @@
+"""minilora: QLoRA fine-tuning of DeepSeek-R1-Distill models (Llama and Qwen2) in plain PyTorch.
+
+The commands: `python -m minilora.train`, `python -m minilora.generate`, `python -m minilora.merge`.
+README.md has the whole file map with line counts; in short, reading order first:
+
+    model.py      the Llama/Qwen2 decoder, Hugging Face module names
+    quant.py      NF4 linear layers over bitsandbytes' 4-bit storage
+    lora.py       the LoRA layer and how it wraps the model
+    loss.py       cross-entropy on the label tokens, without full logits
+    data.py       records -> templates -> prompt-masked examples -> batches
+    train.py      the training command and its loop
+    checkpoint.py Hugging Face folders in, PEFT adapters in and out
+    generate.py   KV-cached generation and chat; merge.py, gguf_io.py: merge and llama.cpp export
+"""
+import logging
+
+__version__ = "0.1.0"
+
+# Third-party start-up lines that tell a minilora user nothing they can act on, dropped here, once, for every
+# command (each starts by importing this package). Each is matched by its logger and the start of its message,
+# so every other warning of those libraries still shows.
+START_UP_NOISE = {
+    # bitsandbytes >= 0.50, on CPUs with AVX512-BF16, tries to fetch a faster CPU kernel from the hub through the
+    # optional `kernels` package at import; without it (or offline, as the tests are) it uses its own kernel and
+    # logs this. Nothing is wrong: the NF4 results are the same either way.
+    "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels-community",),
+}
+
+
+def _drop_start_up_noise():
+    for name, prefixes in START_UP_NOISE.items():
+        logging.getLogger(name).addFilter(lambda record, p=prefixes: not str(record.msg).startswith(p))
+
+
+_drop_start_up_noise()
