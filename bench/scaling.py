@@ -80,11 +80,13 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------- one rank (under torchrun)
 
 def worker(a):
+    import functools
+
     from minilora import distributed as dp
+    from minilora import speed
     from minilora.checkpoint import load_model
     from minilora.lora import apply_lora
-    from minilora.step import flatten_for_optimizer, make_optimizer, setup_for_training, train_step
-    from minilora.train import TrainConfig
+    from minilora.train import TrainConfig, make_optimizer, micro_step, train_step
 
     device = dp.init(torch.device(a.device))
     rank, world = dp.rank(), dp.world()
@@ -97,11 +99,14 @@ def worker(a):
                        shard=(lambda q: dp.shard_nf4(q, mesh)) if mesh else None)
     torch.manual_seed(a.seed)  # the same LoRA init on every rank, as minilora.train seeds it
     apply_lora(model, r=a.rank, alpha=16.0, targets=stacks.TARGETS)
-    setup_for_training(model, gradient_checkpointing=True, compile="off" if a.fsdp else "auto", device=device)
+    # as the trainer under torchrun: recompute, compiled layers (off under --fsdp), no CUDA graphs (auto's rule)
+    fast = speed.configure(TrainConfig(fsdp=a.fsdp, cuda_graphs="off"), device, world)
+    params = fast.attach(model)
     if mesh:
         dp.shard_root(model.model, mesh)
-    params = flatten_for_optimizer([p for p in model.parameters() if p.requires_grad])
     optimizer = make_optimizer(params, TrainConfig(lr=s.lr, optim="adamw8bit"))
+    autocast = s.autocast()
+    micro = functools.partial(micro_step, model, autocast=autocast, loss=fast.loss)
     sync(device)
     load_time = time.perf_counter() - t
     if device.type == "cuda":
@@ -109,7 +114,6 @@ def worker(a):
     vocab = shapes.model_config(a.shape).vocab_size
     gen = torch.Generator().manual_seed(a.seed + 1 + rank)  # each rank its own tokens
     data = torch.randint(0, vocab, (a.warmup + a.steps, a.batch, a.seq), generator=gen)
-    autocast = s.autocast()
     times, losses = [], []
     for i, ids in enumerate(data):
         ids = ids.to(device)
@@ -117,7 +121,7 @@ def worker(a):
         t = time.perf_counter()
         batch = [{"input_ids": ids, "labels": ids}]
         n_total = dp.all_reduce_sum(ids.shape[0] * (ids.shape[1] - 1))  # every token after the first is labelled
-        loss, _ = train_step(model, batch, autocast, n_total=n_total)
+        loss, _ = train_step(model, batch, autocast, n_total=n_total, micro=micro)
         dp.all_reduce_grads(params, device)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

@@ -9,7 +9,7 @@ Everything a reader would want held equal is held equal here:
 - LoRA r/alpha on q,k,v,o,gate,up,down, no dropout, no bias, fp32 factors, B = 0 at the start;
 - the optimizer: minilora.train.make_optimizer (bitsandbytes AdamW8bit, lr 2e-4, weight decay 0.01),
   the same function for every stack, then clip_grad_norm_(1.0); minilora hands it its factors as one
-  flat tensor, as its trainer does (step.flatten_for_optimizer: the same update, one launch);
+  flat tensor, as its trainer does (speed/flat_optimizer.py: the same update, one launch);
 - the loss: mean token cross-entropy with labels = input_ids (every token labelled); with
   `lengths` (train_speed.py --lengths), rows are right-padded and pad positions are unlabelled
   and masked out of attention, as a padded SFT batch is.
@@ -32,7 +32,7 @@ STACKS = ("minilora", "minilora-fast", "minilora-lean", "minilora-padfree", "min
 # minilora's modes (train.py flags): minilora = --gradient-checkpointing --cuda-graphs off;
 # fast = --no-gradient-checkpointing (keep every activation, no recompute); lean = --offload (layer inputs and embedding table in host memory);
 # padfree = --padding-free (a batch's rows end to end, no pad tokens; the same as minilora on full rows);
-# graphs = --cuda-graphs on (each micro-batch's forward and backward replayed from a CUDA graph, graphs.py; the
+# graphs = --cuda-graphs on (each micro-batch's forward and backward replayed from a CUDA graph, speed/graphs.py; the
 # trainer's default on a GPU, --cuda-graphs auto); fast-graphs and lean-graphs: what --no-gradient-checkpointing and
 # --offload give on a GPU.
 MINILORA_MODES = {"minilora": {}, "minilora-fast": {"gradient_checkpointing": False}, "minilora-lean": {"offload": True},
@@ -85,13 +85,10 @@ class Run:
         return loss
 
 
-def _finish(model, s: Settings, loss_backward, flatten: bool = False) -> Run:
-    from minilora.step import flatten_for_optimizer, make_optimizer
-    from minilora.train import TrainConfig
+def _finish(model, s: Settings, loss_backward, params=None) -> Run:
+    from minilora.train import TrainConfig, make_optimizer
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    if flatten:  # minilora's trainer steps its factors as one tensor: the same update, one optimizer launch
-        params = flatten_for_optimizer(params)
+    params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise RuntimeError("no trainable parameters after applying LoRA")
     opt = make_optimizer(params, TrainConfig(lr=s.lr, optim="adamw8bit"))
@@ -99,43 +96,45 @@ def _finish(model, s: Settings, loss_backward, flatten: bool = False) -> Run:
 
 
 def load_minilora(folder, s: Settings, mode: str = "minilora") -> Run:
-    """load_model (NF4 as tensors arrive), apply_lora, setup_for_training (recompute, compiled layers)
-    and train_step: the code `python -m minilora.train` runs."""
+    """load_model (NF4 as tensors arrive), apply_lora, the speed machinery attached (speed.configure: recompute,
+    compiled layers, the flat optimizer, CUDA graphs) and train_step: the code `python -m minilora.train` runs."""
+    import functools
+
+    from minilora import speed
     from minilora.checkpoint import load_model
     from minilora.data import Example
-    from minilora.graphs import GraphedMicroBatches, bucket_length
     from minilora.lora import apply_lora
-    from minilora.offload import host_embedding
-    from minilora.step import make_batch, setup_for_training, train_step
+    from minilora.speed.graphs import bucket_length
+    from minilora.train import TrainConfig, micro_step, train_step
 
     model = load_model(folder, device=s.device, dtype=s.dtype, quantize="nf4", double_quant=True, progress=False)
     torch.manual_seed(s.seed)
     apply_lora(model, r=s.rank, alpha=s.alpha, dropout=0.0, targets=TARGETS)
     opts = {"gradient_checkpointing": s.checkpointing, **MINILORA_MODES[mode]}
-    padding_free = opts.pop("padding_free", False)
     graphed = opts.pop("cuda_graphs", False)
-    setup_for_training(model, compile=s.compile, device=s.device, keep_activations=s.keep_activations, **opts)
+    fast = speed.configure(TrainConfig(compile=s.compile, keep_activations=s.keep_activations,
+                                       cuda_graphs="on" if graphed else "off", **opts), s.device)
+    params = fast.attach(model)  # the factors as one flat tensor, as the trainer steps them
     autocast = s.autocast()
-    table = host_embedding(model)  # lean modes: the embedding table on the host
+    micro = fast.record(functools.partial(micro_step, model, autocast=autocast, loss=fast.loss), params)
 
     def loss_backward(ids, lengths=None):
-        if padding_free and lengths:
+        if fast.padding_free and lengths:
             rows = [row[:n].tolist() for row, n in zip(ids, lengths)]  # ids on the host (train_speed.py)
-            batch = make_batch([Example(r, r) for r in rows], 0, torch.device(s.device), padding_free=True,
-                               host_embedding=table)
+            batch = fast.make_batch([Example(r, r) for r in rows], 0)
         else:
             on_device = ids.to(s.device)
             batch = {"input_ids": on_device, "labels": padded_labels(on_device, lengths)}
-            if table is not None:  # rows looked up from the host's ids, as make_batch does
-                batch["inputs_embeds"] = table(ids)
+            if fast.host_embedding is not None:  # rows looked up from the host's ids, as make_batch does
+                batch["inputs_embeds"] = fast.host_embedding(ids)
             if graphed and bucket_length(ids.shape[1]) != ids.shape[1]:  # train.py would pad it
                 raise ValueError(f"minilora-graphs: --seq {ids.shape[1]} is not a recorded length; the trainer "
                                  f"would pad it to {bucket_length(ids.shape[1])}")
-        loss, _ = train_step(model, [batch], autocast, graphs=run.graphs)
+        loss, _ = train_step(model, [batch], autocast, micro=micro)
         return loss
 
-    run = _finish(model, s, loss_backward, flatten=True)
-    run.graphs = GraphedMicroBatches(model, run.params, autocast) if graphed else None
+    run = _finish(model, s, loss_backward, params)
+    run.graphs = micro if graphed else None
     return run
 
 

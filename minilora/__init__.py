@@ -1,16 +1,14 @@
 """minilora: QLoRA fine-tuning of DeepSeek-R1-Distill models (Llama and Qwen2) in plain PyTorch.
 
 The commands: `python -m minilora.train`, `python -m minilora.generate`, `python -m minilora.merge`.
-README.md has the whole file map with line counts; in short, reading order first:
+The package has four parts; README.md has the whole file map with line counts.
 
-    model.py      the Llama/Qwen2 decoder, Hugging Face module names
-    quant.py      NF4 linear layers over bitsandbytes' 4-bit storage
-    lora.py       the LoRA layer and how it wraps the model
-    loss.py       cross-entropy on the label tokens, without full logits
-    data.py       records -> templates -> prompt-masked examples -> batches
-    train.py      the training command and its loop
-    checkpoint.py Hugging Face folders in, PEFT adapters in and out
-    generate.py   KV-cached generation and chat; merge.py, gguf_io.py: merge and llama.cpp export
+    the core     model.py -> nf4.py -> lora.py -> loss.py -> train.py, the learner's path; with config.py,
+                 tokenizer.py, data.py, checkpoint.py and adapter.py. It imports nothing from speed/.
+    speed/       what makes training fast or lean, attached to the unchanged model by speed.configure
+    run/         resume, faults and the end-of-run report
+    export/      merge, GGUF for llama.cpp, the hub
+beside them generate.py (generation and chat), distributed.py (torchrun) and demo.py (the demo task).
 """
 import logging
 

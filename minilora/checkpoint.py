@@ -1,4 +1,4 @@
-"""Files in and out: Hugging Face checkpoints in, PEFT adapters in and out.
+"""Hugging Face checkpoint folders in: where the model is, its config, its weights (NF4 as they arrive).
 
 Loading streams the checkpoint one tensor at a time:
 
@@ -15,37 +15,26 @@ tensor then replaces its meta placeholder by name, which is why the module
 names in model.py are Hugging Face's. A tensor that is missing, unexpected or
 of the wrong shape is an error that names it.
 
-Adapters use PEFT's layout, so peft, vLLM and llama.cpp's converter read them:
-`adapter_config.json` plus `adapter_model.safetensors` with keys
-`base_model.model.<module path>.lora_A.weight` (r, in) and `...lora_B.weight` (out, r).
-An adapter that does not fit the model (a module it lacks, a shape or rank it
-does not have) is an error; one that merely names another base model is a warning.
-`push_to_hub` uploads a finished adapter or merged folder (token from $HF_TOKEN).
+The safetensors shards are found and read here for every reader of a checkpoint
+(merge and GGUF export too): `shard_files`, `iter_tensors`. Adapters are adapter.py's.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
-import warnings
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from huggingface_hub.utils import tqdm
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from .atomic import atomic_dir
-from .gguf_io import shard_files
-from .lora import LoRALinear, apply_lora, lora_state_dict
 from .model import CausalLM, ModelConfig, rope_inv_freq
-from .quant import NF4Linear
+from .nf4 import NF4Linear
 
 HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
              "special_tokens_map.json", "chat_template.jinja", "*.safetensors", "model.safetensors.index.json"]
-PEFT_PREFIX = "base_model.model."
 
 
 # ----------------------------------------------------------------------------- where the model is
@@ -81,6 +70,23 @@ def load_config(folder: Path) -> ModelConfig:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e}).") from None
     return ModelConfig.from_hf(hf, source=str(path))
+
+
+def shard_files(folder: Path, single: str) -> list[Path]:
+    """A Hugging Face checkpoint's weight files: the shards `<single>.index.json` names, else `single` alone.
+
+    `single` is "model.safetensors" or "pytorch_model.bin". [] when the folder has neither, so that each
+    caller can say what it looked for.
+    """
+    index = folder / f"{single}.index.json"
+    if not index.is_file():
+        return [folder / single] if (folder / single).is_file() else []
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # bad JSON, or no {"weight_map": {...}}
+        raise ValueError(f"{index}: not a shard index (a JSON object whose \"weight_map\" maps each tensor "
+                         f"to its file): {type(e).__name__}: {e}.") from None
+    return [folder / name for name in names]
 
 
 def safetensors_files(folder: Path) -> list[Path]:
@@ -132,12 +138,18 @@ def iter_pickle_tensors(files: list[Path]):
         yield from sd.items()
 
 
-def iter_tensors(files: list[Path]):
-    """Yield (name, tensor) one at a time from memory-mapped safetensors files."""
+def iter_tensors(files: list[Path], shapes_only: bool = False):
+    """Yield (name, tensor) one at a time from memory-mapped safetensors files; with `shapes_only`,
+    (name, shape) from the headers alone, without reading any data."""
     for f in files:
         with safe_open(str(f), framework="pt", device="cpu") as st:
             for name in st.keys():
-                yield name, st.get_tensor(name)
+                yield name, tuple(st.get_slice(name).get_shape()) if shapes_only else st.get_tensor(name)
+
+
+def is_rope_table(name: str) -> bool:
+    """RoPE's `rotary_emb.inv_freq`, which old checkpoints carry: every reader recomputes it from config.json."""
+    return name.endswith("rotary_emb.inv_freq")
 
 
 def count_tensors(files: list[Path]) -> int:
@@ -198,6 +210,19 @@ def finish_model(model: CausalLM, device) -> CausalLM:
     return model.eval()
 
 
+def pick_device(name: str) -> torch.device:
+    """--device: auto (a CUDA GPU if there is one, else the CPU), cpu, cuda or cuda:N, checked."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is visible; use --device cpu.")
+    return device
+
+
 def default_dtype(device) -> torch.dtype:
     """bf16 where the GPU has it, else fp16; fp32 on the CPU, where it is exact and not slower."""
     device = torch.device(device)
@@ -229,7 +254,7 @@ def load_model(name, *, device="cpu", dtype: torch.dtype | None = None, quantize
             raise
         tensors, total = iter_pickle_tensors(pickle_files(folder)), None
     for tname, t in tqdm(tensors, total=total, desc="loading", unit="tensor", disable=not progress, leave=False):
-        if tname.endswith("rotary_emb.inv_freq") or (tname == "lm_head.weight" and cfg.tie_word_embeddings):
+        if is_rope_table(tname) or (tname == "lm_head.weight" and cfg.tie_word_embeddings):
             continue  # recomputed / shared with embed_tokens
         assign_tensor(model, tname, t, device=device, dtype=dtype, quantize=quantize, double_quant=double_quant,
                       shard=shard)
@@ -253,168 +278,3 @@ def random_model(cfg: ModelConfig, *, device="cpu", dtype=torch.float32, quantiz
             t = torch.randn(p.shape, device=device, generator=gen) * std
         assign_tensor(model, name, t, device=device, dtype=dtype, quantize=quantize)
     return finish_model(model, device)
-
-
-# ----------------------------------------------------------------------------- adapters (PEFT format)
-
-def adapter_config(model: nn.Module, base_model: str, *, r, alpha, dropout, rslora) -> dict:
-    targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LoRALinear)})
-    return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-        "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": targets,
-        "use_rslora": rslora, "bias": "none", "use_dora": False, "modules_to_save": None,
-        "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
-        "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
-    }
-
-
-def save_adapter(model: nn.Module, folder, config: dict, overwrite: bool = True):
-    """adapter_config.json + adapter_model.safetensors, written atomically."""
-    tensors = {PEFT_PREFIX + k: v.detach().to("cpu", copy=True) for k, v in lora_state_dict(model).items()}
-    with atomic_dir(folder, overwrite=overwrite) as tmp:
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-
-
-def read_adapter_config(folder) -> dict:
-    """adapter_config.json, checked for the PEFT options minilora cannot honour."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such adapter folder (it should hold adapter_config.json and "
-                                "adapter_model.safetensors, as written by minilora.train or peft's save_pretrained).")
-    path = folder / "adapter_config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder}: no adapter_config.json; is this a LoRA adapter folder?")
-    if not (folder / "adapter_model.safetensors").is_file():
-        hint = " (adapter_model.bin is a pickle and is not read)" if (folder / "adapter_model.bin").exists() else ""
-        raise FileNotFoundError(f"{folder}: no adapter_model.safetensors{hint}.")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}).") from None
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{path}: peft_type {cfg.get('peft_type')!r} is not LORA.")
-    for key in ("r", "lora_alpha"):
-        if not isinstance(cfg.get(key), (int, float)) or cfg[key] <= 0:
-            raise ValueError(f"{path}: field {key!r} must be a positive number, got {cfg.get(key)!r}.")
-    for key, why in (("use_dora", "DoRA adds a magnitude vector"),
-                     ("fan_in_fan_out", "it stores weights transposed (GPT-2 Conv1D), which Llama/Qwen2 never do")):
-        if cfg.get(key):
-            raise ValueError(f"{path}: {key}=true is not supported by minilora ({why}).")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if cfg.get(key):
-            raise ValueError(f"{path}: per-module {key} is not supported by minilora.")
-    return cfg
-
-
-def adapter_scale(cfg: dict) -> float:
-    """scale = alpha / r, or alpha / sqrt(r) with rsLoRA: the factor on B @ A, as peft computes it."""
-    r, alpha = cfg["r"], cfg["lora_alpha"]
-    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-
-
-def read_adapter_tensors(folder) -> dict[str, torch.Tensor]:
-    """The LoRA factors keyed by HF module path (`model.layers.0.self_attn.q_proj.lora_A.weight`).
-
-    Every module must have both factors, A (r, in) and B (out, r), with one rank:
-    a lone A would leave B at zero and the adapter silently half-missing.
-    """
-    folder = Path(folder)
-    tensors = {}
-    with safe_open(str(folder / "adapter_model.safetensors"), framework="pt", device="cpu") as st:
-        for k in st.keys():
-            name = k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k
-            tensors[name.replace(".default.", ".")] = st.get_tensor(k)  # peft's in-memory names carry ".default"
-    other = [k for k in tensors if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
-    if other:
-        raise ValueError(f"{folder}: adapter holds non-LoRA tensors ({', '.join(other[:3])}); minilora loads "
-                         "LoRA factors only (no modules_to_save, bias or embedding LoRA).")
-    if not tensors:
-        raise ValueError(f"{folder}/adapter_model.safetensors holds no tensors.")
-    for path in sorted({k.rsplit(".lora_", 1)[0] for k in tensors}):
-        a, b = tensors.get(f"{path}.lora_A.weight"), tensors.get(f"{path}.lora_B.weight")
-        if a is None or b is None:
-            raise ValueError(f"{folder}: {path} has lora_{'A' if a is None else 'B'}.weight missing; the file is incomplete.")
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-            raise ValueError(f"{folder}: {path} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
-                             "they must be (r, in) and (out, r) with the same r.")
-    return tensors
-
-
-def same_base(adapter_base: str | None, source: str | None) -> bool:
-    """Whether the adapter's base_model_name_or_path plausibly names the model at `source`.
-
-    The same path, the hub cache folder of that hub id (`models--org--name`), or a folder with the
-    same last name (the model downloaded to another place) all count; an unknown side counts too.
-    """
-    if not adapter_base or not source:
-        return True
-    a, s = str(adapter_base).rstrip("/"), str(source).rstrip("/")
-    if a == s or Path(a).expanduser().resolve() == Path(s).expanduser().resolve():
-        return True
-    return f"models--{a.replace('/', '--')}" in s or Path(a).name == Path(s).name
-
-
-def check_adapter_base(cfg: dict, source: str | None, folder) -> None:
-    """Warn, not fail, when the adapter names another base: only shapes can prove a mismatch (they raise),
-    and a renamed copy of the same model is common. A wrong base with fitting shapes gives poor outputs."""
-    base = cfg.get("base_model_name_or_path")
-    if not same_base(base, source):
-        warnings.warn(f"{folder}/adapter_config.json: base_model_name_or_path is {base!r} but the model is {source!r}; "
-                      "the shapes fit so it loads, but an adapter trained on another base model gives wrong outputs.",
-                      stacklevel=3)
-
-
-def load_adapter(model: nn.Module, folder) -> dict:
-    """Wrap the model's targets in LoRA and load the factors (from minilora or from peft)."""
-    folder = Path(folder)
-    cfg = read_adapter_config(folder)
-    tensors = read_adapter_tensors(folder)
-    paths = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})
-    targets = sorted({p.rsplit(".", 1)[-1] for p in paths})
-    try:
-        wrapped = apply_lora(model, r=cfg["r"], alpha=cfg["lora_alpha"], dropout=0.0,
-                             rslora=bool(cfg.get("use_rslora")), targets=targets, paths=paths)
-    except ValueError as e:
-        raise ValueError(f"{folder}: the adapter does not fit this model: {e}") from None
-    missing = sorted(set(paths) - set(wrapped))
-    if missing:
-        raise ValueError(f"{folder}: adapter tensors for {', '.join(missing[:3])}"
-                         f"{f' (and {len(missing) - 3} more)' if len(missing) > 3 else ''} have no matching module "
-                         f"in the {model.config.num_hidden_layers}-layer model (an adapter for another base model?).")
-    own = lora_state_dict(model)
-    for name, t in tensors.items():
-        if own[name].shape != t.shape:
-            raise ValueError(f"{folder}: adapter tensor {name!r} has shape {tuple(t.shape)}, "
-                             f"the model needs {tuple(own[name].shape)} (different base model or rank?).")
-        own[name].copy_(t)
-    check_adapter_base(cfg, getattr(model, "source", None), folder)
-    return cfg
-
-
-# ----------------------------------------------------------------------------- the hub
-
-def hub_token() -> str:
-    """The write token from $HF_TOKEN; checked before any long work, so a missing token fails at once."""
-    token = os.environ.get("HF_TOKEN")
-    if not token:
-        raise PermissionError("pushing to the Hugging Face hub needs a write token: create one at "
-                           "https://huggingface.co/settings/tokens and set it with `export HF_TOKEN=hf_...`.")
-    return token
-
-
-def push_to_hub(folder, repo_id: str, private: bool = False) -> str:
-    """Upload a finished folder (adapter or merged model) to the hub repo `repo_id`, creating it if needed.
-
-    Hidden files (our `.tmp-*` leftovers) are not uploaded. Returns the repo URL.
-    """
-    from huggingface_hub import HfApi
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such folder to push.")
-    api = HfApi(token=hub_token())
-    url = api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
-    api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", ignore_patterns=[".*", "**/.*"],
-                      commit_message=f"Upload {folder.name} with minilora")
-    return str(url)

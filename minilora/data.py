@@ -22,7 +22,6 @@ id equal to EOS would teach nothing but could be confused for it downstream.
 from __future__ import annotations
 
 import codecs
-import difflib
 import json
 import random
 from dataclasses import dataclass
@@ -30,9 +29,8 @@ from pathlib import Path
 
 import torch
 
+from .loss import IGNORE
 from .tokenizer import Tokenizer
-
-IGNORE = -100  # cross_entropy's ignore_index
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task{ctx}. "
@@ -310,6 +308,50 @@ def show_example(ex: Example, tok: Tokenizer) -> str:
     return "[" + tok.decode(ex.input_ids[:n]) + "]" + tok.decode(ex.input_ids[n:])
 
 
+def load_data(cfg, tok: Tokenizer, demo: tuple[list[dict], list[dict]] | None = None):
+    """(train examples, eval examples, template name) for a run's config (config.py's TrainConfig): --data and
+    --eval-data, or without --data the `demo` records (train, eval).
+
+    This runs before the model loads: every row of every file is read, rendered and tokenized
+    here, and all the problems are reported together (file:line each), so bad data costs
+    seconds, not a GPU's start-up, and one fix-and-rerun, not one per bad row.
+    """
+    problems = []
+    if not cfg.data:
+        train_recs, eval_recs = demo
+    else:
+        path = Path(cfg.data) if Path(cfg.data).exists() or cfg.data.endswith((".json", ".jsonl")) else None
+        train_recs, problems = read_records(path or fetch_hub_dataset(cfg.data), "skip")
+        eval_recs = None
+        if cfg.eval_data:
+            eval_recs, more = read_records(cfg.eval_data, "skip")
+            problems += more
+    train, evals, stats, template, columns = [], None, {}, cfg.template, set()
+    if train_recs:
+        columns = common_columns(train_recs)  # the columns most rows have: one odd row cannot mislead
+        template = detect_template(columns) if cfg.template == "auto" else cfg.template
+        train, stats = build_examples(train_recs, template, tok, cfg.max_seq_len, cfg.truncation, "skip")
+        problems += stats.pop("problems", [])
+        if eval_recs is not None:
+            evals, estats = build_examples(eval_recs, template, tok, cfg.max_seq_len, cfg.truncation, "skip")
+            problems += estats.pop("problems", [])
+    if problems:
+        report = problem_report(problems, " and ".join(filter(None, (cfg.data, cfg.eval_data))))
+        if cfg.bad_rows == "error":
+            raise DataError(report + SKIP_HINT)
+        print(f"skipped {report}")
+    if not train_recs:
+        raise DataError(f"{cfg.data or 'demo'}: no training records"
+                        + (f" left after skipping {len(problems)} bad row(s)." if problems else "."))
+    print(f"template: {template} (columns {sorted(columns)}); examples: {stats}")
+    if evals is None:
+        train, evals = split_eval(train, cfg.eval_fraction, cfg.seed)
+    if not train:
+        raise DataError(f"{cfg.data or 'demo'}: no training examples left after filtering ({stats}).")
+    print("example (the [bracketed] prompt is masked out of the loss):\n" + show_example(train[0], tok))
+    return train, evals, template
+
+
 # ----------------------------------------------------------------------------- batching
 
 def collate(examples: list[Example], pad_id: int, pad_to=None) -> dict[str, torch.Tensor]:
@@ -341,7 +383,3 @@ def split_eval(examples: list, fraction: float, seed: int) -> tuple[list, list]:
     ev = set(order[:n_eval])
     return [e for i, e in enumerate(examples) if i not in ev], [examples[i] for i in order[:n_eval]]
 
-
-def closest(word: str, choices) -> str:
-    m = difflib.get_close_matches(word, list(choices), n=1)
-    return f" Did you mean {m[0]!r}?" if m else ""

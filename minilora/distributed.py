@@ -142,12 +142,8 @@ def shard_root(model: nn.Module, device_mesh):
 
     unsharded = {p for p in model.parameters() if not isinstance(p, DTensor)}
     fully_shard(model, mesh=device_mesh, ignored_params=unsharded)
-    # Each call of a sharded layer gathers its weights, so every rank must make the same calls; the
-    # long-sequence MLP's number of pieces depends on this rank's length, so it stays whole here. The folded
-    # gate/up (lora_mlp.py) reads the 4-bit codes without calling the layers, so without their gathers: off.
-    for m in model.modules():
-        if hasattr(m, "in_pieces"):
-            m.in_pieces = m.fold_lora = False
+    # (Each call of a sharded layer gathers its weights, so the speed features that read the 4-bit codes
+    # outside such a call are off under --fsdp: speed/__init__.py's CLASHES.)
 
 
 def data_hash(examples) -> str:

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_adapter, load_model, read_adapter_config, resolve_model
+from .adapter import load_adapter, read_adapter_config
+from .checkpoint import load_model, pick_device, resolve_model
 from .tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------- EOS ids
@@ -95,7 +96,7 @@ def next_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
 def compute_context(model):
     """bf16/fp16 autocast on CUDA, so the fp32 LoRA factors run in the compute dtype as in training;
     nothing on the CPU, where the model computes in one dtype already."""
-    p = model.lm_head.weight  # (the embedding table may live on the host: offload.py)
+    p = model.lm_head.weight  # (the embedding table may live on the host: speed/offload.py)
     if p.device.type == "cuda" and p.dtype in (torch.bfloat16, torch.float16):
         return torch.autocast("cuda", dtype=p.dtype)
     return contextlib.nullcontext()
@@ -315,18 +316,6 @@ def check_args(args) -> None:
         raise UserError(f"--top-k must be >= 0 (0 = off), got {args.top_k}.")
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: this PyTorch sees no CUDA GPU; use --device cpu.")
-    return device
-
-
 def load(args, device):
     """The model (NF4 unless --no-4bit), its adapter, tokenizer and EOS ids; loading errors become UserError."""
     if args.adapter:  # check the adapter's files before spending minutes loading an 8B model
@@ -413,7 +402,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_args(args)
-        device = pick_device(args.device)
+        try:
+            device = pick_device(args.device)
+        except ValueError as e:
+            raise UserError(str(e)) from None
         model, tok, eos = load(args, device)
         if device.type == "cpu" and not args.no_4bit:
             print("minilora.generate: note: NF4 on the CPU dequantizes every weight for every token and is ~20x "

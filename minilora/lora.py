@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .quant import NF4Linear
+from .nf4 import NF4Linear
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -53,10 +53,6 @@ class LoRALinear(nn.Module):
         # The small fp32 factors are cast to x's dtype, never the (tokens, in) activations to fp32.
         a, b = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)
         return y + F.linear(F.linear(self.lora_dropout(x), a), b * self.scale).to(y.dtype)
-
-    def delta_weight(self) -> torch.Tensor:
-        """scale * B @ A, the (out, in) update that merging adds to the base weight."""
-        return self.scale * (self.lora_B.weight.float() @ self.lora_A.weight.float())
 
 
 def apply_lora(model: nn.Module, r: int = 16, alpha: float = 16, dropout: float = 0.0, rslora: bool = False,

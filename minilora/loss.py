@@ -21,13 +21,14 @@ with no recompute.
 Between the two matmuls of a chunk lies elementwise work over all (rows, V)
 logits: upcast, logsumexp, the softmax, minus the one-hot, downcast. Run op by
 op that is ~40 bytes of memory traffic per logit, which for 4096 tokens of
-Qwen's vocabulary is ~25 GB per step, ~10% of the 1.5B model's step. On a GPU
-the trainer runs `chunk_loss_and_grad` through torch.compile (`compiled=True`),
-which fuses it into a reduction and a pointwise kernel: the bf16 logits are
-read twice and their bf16 gradient written once, ~8 bytes per logit, and no
-fp32 copy of the chunk exists. Uncompiled (the CPU, --compile off, --fsdp) the
-same function holds ~5 fp32 (rows, V) temporaries at once, so its chunks are
-half as long. tests/test_train.py checks both against torch's cross-entropy.
+Qwen's vocabulary is ~25 GB per step. So `chunk_loss_and_grad` is one plain
+function that a compiler can fuse: on a GPU speed/ passes it through
+torch.compile (`chunk=`), which makes it a reduction and a pointwise kernel
+reading the bf16 logits twice and writing their gradient once, ~8 bytes per
+logit, with no fp32 copy of the chunk, so its chunks can be twice as long
+(`logit_elements=`). Run op by op (the CPU, --compile off, --fsdp) the function
+holds ~5 fp32 (rows, V) temporaries at once. tests/test_train.py checks both
+against torch's cross-entropy.
 
 Loss math: the model at position t predicts token t+1, so hidden[:, :-1] pairs
 with labels[:, 1:]. We return the SUM of token losses and the token count; the
@@ -36,14 +37,12 @@ caller divides once by the count over the whole optimizer step (see train.py).
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
-from .data import IGNORE
+IGNORE = -100  # the label of a position without a loss (prompt or padding): cross_entropy's ignore_index
 
-LOGIT_ELEMENTS = 2**25  # rows per chunk = this / vocab (compiled; half that uncompiled): 64 MiB of bf16 logits
+LOGIT_ELEMENTS = 2**24  # rows per chunk = this / vocab: 32 MiB of bf16 logits, and ~5 fp32 temporaries of them
 
 
 def chunk_loss_and_grad(logits: torch.Tensor, y: torch.Tensor, keep: torch.Tensor, need_grad: bool):
@@ -60,24 +59,16 @@ def chunk_loss_and_grad(logits: torch.Tensor, y: torch.Tensor, keep: torch.Tenso
     return loss, grad.to(logits.dtype)
 
 
-@functools.cache
-def compiled_chunk_loss_and_grad():
-    """chunk_loss_and_grad through torch.compile, made once (compiling happens at the first call of each
-    shape: the full chunks share one, and the last chunk's varying row count becomes a dynamic size)."""
-    return torch.compile(chunk_loss_and_grad)
-
-
 class LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(h_i @ W.T, y_i), computing dL/dh chunk by chunk during the forward pass.
     Rows whose label is IGNORE add 0 to the sum and get a zero gradient."""
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, rows: int, compiled: bool):
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, rows: int, chunk):
         need_grad = ctx.needs_input_grad[0]
         grad_h = torch.empty_like(h) if need_grad else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         w = weight.to(h.dtype)
-        chunk = compiled_chunk_loss_and_grad() if compiled else chunk_loss_and_grad
         for i in range(0, h.shape[0], rows):
             yi = y[i: i + rows]
             loss, grad_logits = chunk(h[i: i + rows] @ w.T, yi, yi != IGNORE, need_grad)  # (rows, V) logits
@@ -94,12 +85,12 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 
 def causal_lm_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
-                   rows: int | None = None, every_position: bool = False,
-                   compiled: bool = False) -> tuple[torch.Tensor, int | None]:
+                   rows: int | None = None, every_position: bool = False, chunk=chunk_loss_and_grad,
+                   logit_elements: int = LOGIT_ELEMENTS) -> tuple[torch.Tensor, int | None]:
     """(sum of token losses, number of label tokens) for hidden (B, T, H) and labels (B, T).
 
-    `compiled` fuses each chunk's elementwise work with torch.compile (the model's `compile_loss`,
-    set by step.setup_for_training where the layers are compiled).
+    `chunk`: the function each chunk of rows runs (chunk_loss_and_grad, or it compiled: see above); each
+    chunk has `rows` rows, by default as many as hold `logit_elements` logits.
 
     `every_position` skips the gathering of the labelled rows, whose count the host must wait for
     (`nonzero`): every position's logits are computed and unlabelled ones weigh 0. Same sum, more
@@ -111,10 +102,10 @@ def causal_lm_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: t
     if not every_position:
         keep = (y != IGNORE).nonzero().squeeze(1)
         h, y = h.index_select(0, keep), y.index_select(0, keep)  # (N, H), (N,)
-    rows = rows or max(16, (LOGIT_ELEMENTS if compiled else LOGIT_ELEMENTS // 2) // lm_head_weight.shape[0])
+    rows = rows or max(16, logit_elements // lm_head_weight.shape[0])
     if h.requires_grad and lm_head_weight.requires_grad:
         raise ValueError("causal_lm_loss assumes a frozen lm_head (LoRA does not train it).")
-    return LinearCrossEntropy.apply(h, lm_head_weight, y, rows, compiled), None if every_position else y.numel()
+    return LinearCrossEntropy.apply(h, lm_head_weight, y, rows, chunk), None if every_position else y.numel()
 
 
 def reference_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:

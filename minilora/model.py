@@ -7,6 +7,11 @@ Module names follow transformers' `LlamaForCausalLM` exactly
 (`model.layers.3.self_attn.q_proj`, `model.norm`, `lm_head`), so checkpoint
 tensors load without a name map and LoRA keys come out in PEFT's format.
 
+The model knows nothing of how it is trained fast. Everything that makes training
+lean or quick (recompute, host offload, the folded MLP kernels, compile, CUDA
+graphs) is attached from outside by minilora/speed/, through module swaps and
+one seam: `DecoderModel.call_layer`, how each decoder layer is called.
+
 References: transformers `models/llama/modeling_llama.py` (the math we must
 match, checked by tests/test_model.py), the Llama 3 paper for `llama3` RoPE
 scaling, gpt-fast `model.py` for the static KV cache.
@@ -19,9 +24,6 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from . import lora_mlp
-from .offload import OffloadedCheckpoint
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 
@@ -174,8 +176,9 @@ class Attention(nn.Module):
             k, v = self.cache.update(cache_pos, k, v)
         # Grouped-query attention: each of the n_kv heads serves n_heads / n_kv query heads.
         # With no explicit mask, the causal mask is implied and SDPA can use flash attention.
-        # `mask` is None, a boolean (B, 1, T, S) tensor (padded generation), or a packing.Documents:
-        # several examples in one row, each attending only to itself.
+        # `mask` is None, a boolean (B, 1, T, S) tensor (padded generation), or an object with an
+        # `attend(q, k, v, gqa)` method (speed/padding_free.py: several examples in one row, each
+        # attending only to itself).
         gqa = self.n_kv != self.n_heads
         if mask is not None and not torch.is_tensor(mask):
             y = mask.attend(q, k, v, gqa)
@@ -184,25 +187,8 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
-# Sequences longer than this run through the MLP in pieces of half as many positions.
-MLP_CHUNK_TOKENS = 32768
-
-
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)).
-
-    Long sequences: the MLP's intermediates are the largest activations of a layer, four
-    (tokens, intermediate) tensors; for the 8B model (intermediate 14336) at 350k tokens that is
-    ~40 GB for ONE layer, even when the layer itself is recomputed. The MLP acts on each token
-    alone, so it can run over the sequence in pieces. Without gradients (the forward of an
-    offloaded layer) a piece's intermediates are freed before the next; with gradients each
-    piece is checkpointed (only its input is kept, its intermediates are rebuilt in backward
-    one piece at a time). Either way at most one piece's intermediates (~1.9 GB at 16k
-    positions) exist at once. The cost, with gradients, is one more MLP forward in backward:
-    ~+11% step time at 43k tokens (where causal attention's FLOPs reach the MLP's, 8B) and
-    ~+3% at 350k. The result is the same function: tested against the whole-sequence path in
-    tests/test_model.py. `in_pieces` is turned off under FSDP (distributed.shard_root).
-    """
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -210,31 +196,9 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(i, h, bias=cfg.mlp_bias)
-        self.in_pieces = True
-        # training: gate and up with their LoRA adapters in two GEMMs (lora_mlp.py); decided by the mode, not by
-        # whether gradients flow, so that an offloaded layer's no-grad forward and its recompute compute alike
-        self.fold_lora = True
-
-    def swiglu(self, x):
-        if self.fold_lora and self.training and lora_mlp.can_fold(self.gate_proj, self.up_proj):
-            gate, up = lora_mlp.gate_up(self.gate_proj, self.up_proj, x)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
 
     def forward(self, x):
-        if self.in_pieces and x.shape[1] > MLP_CHUNK_TOKENS:
-            return self.swiglu_in_pieces(x, MLP_CHUNK_TOKENS // 2)
-        return self.swiglu(x)
-
-    @torch.compiler.disable  # long sequences only, where compute dwarfs the lost fusion
-    def swiglu_in_pieces(self, x, piece: int):
-        if not torch.is_grad_enabled():
-            return torch.cat([self.swiglu(xi) for xi in x.split(piece, dim=1)], dim=1)
-        # swiglu draws no random numbers: no RNG state to save (a CUDA graph recording could not read it)
-        return torch.cat([torch.utils.checkpoint.checkpoint(self.swiglu, xi, use_reentrant=False,
-                                                            preserve_rng_state=False)
-                          for xi in x.split(piece, dim=1)], dim=1)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
@@ -252,6 +216,13 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def call_layer(layer: DecoderLayer, x: torch.Tensor, *args) -> torch.Tensor:
+    """How the decoder calls each of its layers: directly. This is the model's one seam for training
+    machinery: speed/recompute.py and speed/offload.py put their own caller here, which runs the same
+    layer but keeps less for backward (recompute it, or keep its input in host memory)."""
+    return layer(x, *args)
+
+
 class DecoderModel(nn.Module):
     """`model.` in HF names: embeddings, layers, final norm. Returns hidden states, not logits."""
 
@@ -261,35 +232,18 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
-        self.gradient_checkpointing = False  # recompute each layer in backward: memory for FLOPs
-        # ... except the last `keep_activations` layers, which keep what their backward needs: each one kept
-        # saves 1/L of the recompute (~1/4 of a step, spread over L layers) for one layer's activations of memory
-        self.keep_activations = 0
-        self.offloader = None  # an offload.HostOffloader: checkpoint with layer inputs in host memory
-        # The recompute replays the forward's random numbers (dropout) by saving the RNG state per layer;
-        # with nothing random in the layers (no dropout) that is skipped, which a CUDA graph needs (graphs.py).
-        self.recompute_rng = True
+        self.call_layer = call_layer
 
     def forward(self, input_ids, positions=None, mask=None, cache_pos: int = 0, inputs_embeds=None):
-        """Hidden states (B, T, H). `inputs_embeds`: the embedding rows of input_ids, looked up already (lean
-        mode looks them up on the host, while the batch's ids are still there: step.make_batch)."""
+        """Hidden states (B, T, H). `inputs_embeds`: the embedding rows of input_ids, looked up already
+        (as transformers' argument of that name; lean mode looks them up in host memory)."""
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(cache_pos, cache_pos + T, device=input_ids.device).expand(B, T)
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
-        if self.offloader is not None and self.training and not x.requires_grad:
-            x = x.detach().requires_grad_()  # so the custom checkpoint's backward runs (the embedding is frozen)
-        recomputed = len(self.layers) - self.keep_activations
-        for i, layer in enumerate(self.layers):
-            recompute = self.training and i < recomputed
-            if recompute and self.offloader is not None:
-                x = OffloadedCheckpoint.apply(x, self.offloader, layer, self.recompute_rng, cos, sin, mask, cache_pos)
-            elif recompute and self.gradient_checkpointing:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache_pos, use_reentrant=False,
-                                                      preserve_rng_state=self.recompute_rng)
-            else:
-                x = layer(x, cos, sin, mask, cache_pos)
+        for layer in self.layers:
+            x = self.call_layer(layer, x, cos, sin, mask, cache_pos)
         return self.norm(x)
 
 
@@ -303,7 +257,6 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.compile_loss = False  # the training loss fuses its elementwise work with torch.compile (loss.py)
 
     def forward(self, input_ids, positions=None, mask=None, cache_pos: int = 0) -> torch.Tensor:
         """Logits (B, T, vocab). Training uses `model.model` + a chunked loss instead (see loss.py)."""
@@ -311,7 +264,7 @@ class CausalLM(nn.Module):
 
     def setup_cache(self, batch: int, max_len: int):
         """Give each attention layer a static KV cache; `clear_cache` removes them."""
-        p = self.lm_head.weight  # on the compute device even when the embedding table is not
+        p = self.lm_head.weight  # on the compute device even when the embedding table is not (lean mode)
         c = self.config
         for layer in self.model.layers:
             layer.self_attn.cache = KVCache(batch, c.num_key_value_heads, max_len, c.head_dim, p.dtype, p.device)

@@ -46,7 +46,6 @@ def trainable_nf4_model(folder, **setup):
     path), set up for training on the CPU: no recompute and no compile unless `setup` says so."""
     from minilora.checkpoint import load_model
     from minilora.lora import apply_lora
-    from minilora.step import setup_for_training
 
     torch.manual_seed(0)
     model = load_model(folder, quantize="nf4", progress=False)
@@ -54,8 +53,17 @@ def trainable_nf4_model(folder, **setup):
     for n, p in model.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.05)
-    setup_for_training(model, device="cpu", **{"gradient_checkpointing": False, "compile": "off", **setup})
+    attach_speed(model, "cpu", **{"gradient_checkpointing": False, "compile": "off", **setup})
     return model
+
+
+def attach_speed(model, device, **flags):
+    """The speed machinery as the trainer attaches it for these flags (train.py's --gradient-checkpointing,
+    --offload, --keep-activations, --compile, --cuda-graphs ...); returns what the optimizer steps."""
+    from minilora import speed
+    from minilora.config import TrainConfig
+
+    return speed.configure(TrainConfig(**{"cuda_graphs": "off", **flags}), device).attach(model)
 
 
 

@@ -19,7 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import tiny_hf_model
-from minilora.checkpoint import adapter_config, load_adapter, load_model, save_adapter
+from minilora.adapter import adapter_config, load_adapter, save_adapter
+from minilora.checkpoint import load_model
 from minilora.lora import LoRALinear, apply_lora
 
 # Logits of SmolLM2 (30 layers, fp32) through minilora and through transformers+peft: they usually agree to

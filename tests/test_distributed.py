@@ -132,7 +132,7 @@ SHARD_SCRIPT = """
 import torch, torch.distributed as dist, torch.nn as nn
 from torch.distributed.tensor import DTensor
 from minilora import distributed as dp
-from minilora.quant import NF4Linear
+from minilora.nf4 import NF4Linear
 import bitsandbytes.functional as bnbF
 
 device = dp.init(torch.device("cpu"))

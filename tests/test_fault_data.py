@@ -91,7 +91,7 @@ def test_nothing_left_after_skipping(tmp_path, monkeypatch):
     args = bad_data_args(tmp_path, "skip")
     write_jsonl(tmp_path / "bad.jsonl", [{"instruction": 1, "output": 2}, {"instruction": "a", "output": None}])
     with pytest.raises(D.DataError, match=r"bad.jsonl: no training examples left after filtering .*'bad': 2"):
-        T.run(T.parse_config(args))
+        T.train(T.parse_config(args))
 
 
 # ----------------------------------------------------------------------------- fuzz

@@ -15,7 +15,7 @@ import pytest
 import safetensors
 import torch
 
-import minilora.checkpoint
+import minilora.adapter
 from minilora import train as T
 from test_train import tiny_run_args
 
@@ -53,7 +53,7 @@ FAULTS = {
     "torch.save": (torch, "save", lambda obj, f: ".step-000004.tmp-" in str(f),
                    RuntimeError("[enforce fail at inline_container.cc:858] PytorchStreamWriter failed writing file "
                                 "data/0: file write failed"), "RuntimeError: [enforce fail"),
-    "safetensors": (minilora.checkpoint, "save_file", lambda t, f, *a: ".step-000004.tmp-" in str(f),
+    "safetensors": (minilora.adapter, "save_file", lambda t, f, *a: ".step-000004.tmp-" in str(f),
                     safetensors.SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })"),
                     "SafetensorError: Error while serializing"),
 }

@@ -25,7 +25,7 @@ import torch
 
 from minilora import train as T
 from minilora.atomic import clean_leftovers
-from minilora.resume import ResumeError, newest_checkpoint
+from minilora.run.resume import ResumeError, newest_checkpoint
 from test_train import run_train, tiny_run_args, train_losses
 
 BOOT = r"""
@@ -93,7 +93,7 @@ def args_for(base, out, **extra):
 @pytest.fixture(scope="module")
 def reference(base):
     """Losses of the uninterrupted run (in this process: the same code and seed)."""
-    T.run(T.parse_config(args_for(base, base / "reference")))
+    T.train(T.parse_config(args_for(base, base / "reference")))
     return train_losses(base / "reference")
 
 
@@ -190,7 +190,7 @@ def test_sigterm_saves_a_checkpoint_too(base):
 def test_resume_with_other_settings_is_refused_before_loading(base, monkeypatch, change, difference):
     out = base / "refuse"
     if not (out / "checkpoints").exists():
-        T.run(T.parse_config(tiny_run_args(base, out, max_steps=1)))
+        T.train(T.parse_config(tiny_run_args(base, out, max_steps=1)))
         shutil.rmtree(out / "adapter")  # unfinished, so --resume is allowed to look at it
         shutil.copytree(base / "m", base / "m2")
     model, other = str(base / "m"), str(base / "m2")
@@ -201,7 +201,7 @@ def test_resume_with_other_settings_is_refused_before_loading(base, monkeypatch,
 
     monkeypatch.setattr(T, "load_model", never)
     with pytest.raises(ResumeError) as e:
-        T.run(T.parse_config(tiny_run_args(base, out, max_steps=1) + change + ["--resume"]))
+        T.train(T.parse_config(tiny_run_args(base, out, max_steps=1) + change + ["--resume"]))
     assert difference.format(model=model, other=other) in str(e.value)
     assert f"cannot resume from {out / 'checkpoints' / 'step-000001'}" in str(e.value)
 

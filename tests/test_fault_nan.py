@@ -62,7 +62,7 @@ def state(out, step):
 def test_non_finite_steps_are_skipped_logged_and_change_nothing(base, monkeypatch):
     out = base / "skips"
     starts = wrap_train_step(monkeypatch, {3: "nan-loss", 5: "inf-grad"})
-    T.run(T.parse_config(tiny_run_args(base, out, warmup_steps=0)))  # 6 steps, lr > 0 from the first
+    T.train(T.parse_config(tiny_run_args(base, out, warmup_steps=0)))  # 6 steps, lr > 0 from the first
     after = starts[1:]  # after[k - 1]: the weights after step k (steps 1..5)
     for k in (1, 2, 4):
         assert not same(starts[k - 1], after[k - 1]), f"step {k} should have updated the weights"
@@ -111,9 +111,9 @@ def cpu_scaler(monkeypatch):
 
 
 def test_loss_scaler_state_is_checkpointed_and_restored(base, monkeypatch):
-    T.run(T.parse_config(tiny_run_args(base, base / "unscaled")))
+    T.train(T.parse_config(tiny_run_args(base, base / "unscaled")))
     cpu_scaler(monkeypatch)
-    T.run(T.parse_config(tiny_run_args(base, base / "scaled")))
+    T.train(T.parse_config(tiny_run_args(base, base / "scaled")))
     a, b = train_losses(base / "unscaled"), train_losses(base / "scaled")
     assert all(abs(a[k] - b[k]) < 1e-6 for k in a), (a, b)
     # 6 good steps, doubling every 2: 2^10 -> 2^13
@@ -122,13 +122,13 @@ def test_loss_scaler_state_is_checkpointed_and_restored(base, monkeypatch):
     out = base / "scaled-interrupted"
     wrap_train_step(monkeypatch, {4: "interrupt"})
     with pytest.raises(SystemExit) as e:
-        T.run(T.parse_config(tiny_run_args(base, out)))
+        T.train(T.parse_config(tiny_run_args(base, out)))
     assert e.value.code == 130
     s = state(out, 3)["scaler"]
     assert s["scale"] == 2.0**11 and s["_growth_tracker"] == 1  # one good step towards the next doubling
     monkeypatch.undo()  # the real train_step again
     cpu_scaler(monkeypatch)
-    T.run(T.parse_config(tiny_run_args(base, out) + ["--resume"]))
+    T.train(T.parse_config(tiny_run_args(base, out) + ["--resume"]))
     # a fresh scaler after the resume would end at 2^11 (one doubling in steps 4-6), not 2^13
     assert state(out, 6)["scaler"]["scale"] == 2.0**13
     c = train_losses(out)
@@ -140,7 +140,7 @@ def test_fp16_overflow_is_left_to_the_scaler(base, monkeypatch):
     cpu_scaler(monkeypatch)
     wrap_train_step(monkeypatch, {2: "inf-grad", 3: "inf-grad"})
     out = base / "overflow"
-    T.run(T.parse_config(tiny_run_args(base, out, max_bad_steps=1)))  # would stop at the first bad step
+    T.train(T.parse_config(tiny_run_args(base, out, max_bad_steps=1)))  # would stop at the first bad step
     rows = train_rows(out)
     assert [k for k, r in rows.items() if r["skipped"]] == [2, 3]
     # 2^10, overflow: 2^9, overflow: 2^8, then steps 4-6 good: one doubling (after 4 and 5) -> 2^9

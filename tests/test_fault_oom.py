@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from minilora import train as T
+from minilora.run.faults import oom_advice
 from test_train import tiny_run_args, train_losses
 
 CUDA_OOM = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which "
@@ -58,7 +59,7 @@ def test_oom_in_the_first_step_says_what_would_fit(base, monkeypatch, capsys):
 
 def test_oom_advice_offers_only_what_is_left():
     cfg = T.TrainConfig(batch_size=1, grad_accum=8, max_seq_len=4096, gradient_checkpointing=True, offload=True)
-    text = T.oom_advice(cfg, 0, "CUDA out of memory", 3000, torch.device("cpu"), None)
+    text = oom_advice(cfg, 0, "CUDA out of memory", 3000, torch.device("cpu"), None)
     assert "--batch-size" not in text.split("each of these")[1]
     assert "--gradient-checkpointing " not in text and "--offload " not in text
     assert "--max-seq-len 1500 " in text  # half the longest batch actually seen, not of the limit
@@ -66,7 +67,7 @@ def test_oom_advice_offers_only_what_is_left():
 
 def test_oom_later_keeps_the_progress_and_the_advice_resumes(base, monkeypatch, capsys):
     reference = base / "reference"
-    T.run(T.parse_config(tiny_run_args(base, reference, dropout=0.0)))
+    T.train(T.parse_config(tiny_run_args(base, reference, dropout=0.0)))
 
     out = base / "later"
     args = tiny_run_args(base, out, dropout=0.0, save_every=2)  # batch 2 x accum 2
@@ -81,7 +82,7 @@ def test_oom_later_keeps_the_progress_and_the_advice_resumes(base, monkeypatch, 
 
     monkeypatch.undo()
     assert "--batch-size 1 --grad-accum 4" in err
-    T.run(T.parse_config(args + ["--batch-size", "1", "--grad-accum", "4", "--resume"]))
+    T.train(T.parse_config(args + ["--batch-size", "1", "--grad-accum", "4", "--resume"]))
     rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
     a, b = train_losses(reference), train_losses(out)

@@ -14,7 +14,8 @@ import torch
 
 from conftest import tiny_hf_model
 from minilora import train as T
-from minilora.checkpoint import load_adapter, load_model
+from minilora.adapter import load_adapter
+from minilora.checkpoint import load_model
 from test_train import tiny_run_args
 
 
@@ -125,7 +126,7 @@ def test_train_flag(base, capsys):
 def test_tampered_trainer_state_is_refused_on_resume(base, capsys):
     out = base / "tampered"
     args = tiny_run_args(base, out, max_steps=2, save_every=1)
-    T.run(T.parse_config(args))
+    T.train(T.parse_config(args))
     shutil.rmtree(out / "adapter")
     ck = out / "checkpoints" / "step-000002"
     marker = base / "pwned"

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from minilora.checkpoint import adapter_config, load_adapter, load_model, save_adapter
+from minilora.adapter import adapter_config, load_adapter, save_adapter
+from minilora.checkpoint import load_model
 from minilora.generate import Streamer, filter_logits, generate, model_eos_ids, visible_text
 from minilora.lora import apply_lora
 from minilora.tokenizer import Tokenizer

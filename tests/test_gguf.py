@@ -1,8 +1,8 @@
-"""GGUF export (gguf_io.write_gguf) against transformers' GGUF reader, an independent implementation.
+"""GGUF export (export/gguf.py, write_gguf) against transformers' GGUF reader, an independent implementation.
 
 Tiny random Llama and Qwen2 models with a tiny byte-level BPE tokenizer (trained here, in
 milliseconds, with the pre-tokenizer of Llama 3, Qwen2, GPT-2 or SmolLM), so every test runs in about a second.
-The import (gguf_io.gguf_to_hf) is checked on the real SmolLM2 GGUF against llama.cpp's pre-tokenizer for it.
+The import (gguf_to_hf) is checked on the real SmolLM2 GGUF against llama.cpp's pre-tokenizer for it.
 
 Tolerances. The tiny models use weights of std 0.1 (not transformers' 0.02) so that attention is sharp
 and a q/k row permutation error shows: logits are ~3, and a GGUF without llama.cpp's q/k permutation is
@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from conftest import tiny_hf_model
-from minilora.gguf_io import (GGUF_OUT_TYPES, PRE_TOKENIZERS, gguf_to_hf, pre_tokenizer_name, shard_files,
-                              write_gguf)
+from minilora.checkpoint import shard_files
+from minilora.export.gguf import GGUF_OUT_TYPES, PRE_TOKENIZERS, gguf_to_hf, pre_tokenizer_name, write_gguf
 
 TOL = {"f16": 1e-2, "bf16": 0.1, "q8_0": 0.2}
 # The last text has whitespace runs before numbers, where SmolLM's digit split and GPT-2's regex part ways.
@@ -208,7 +208,7 @@ def test_reader_tokenizer_round_trip(tmp_path, kind, pre):
 
 def test_reader_refuses_unknown_pre_tokenizer(tmp_path, monkeypatch):
     """A GGUF whose pre-tokenizer gguf_to_hf cannot spell stops before the weights, naming it."""
-    import minilora.gguf_io as gguf_io
+    import minilora.export.gguf as gguf_io
 
     tiny_model(tmp_path / "m", "llama")
     monkeypatch.setattr(gguf_io, "pre_tokenizer_name", lambda tok, source: "falcon")
@@ -322,7 +322,7 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
 def test_demo_cache_is_converted_again_after_a_converter_change(tmp_path, monkeypatch):
     """smollm2_folder reuses its converted folder only if the current gguf_to_hf made it (GGUF_TO_HF_VERSION)."""
     import minilora.demo as demo
-    from minilora.gguf_io import GGUF_TO_HF_VERSION
+    from minilora.export.gguf import GGUF_TO_HF_VERSION
 
     calls = []
 

@@ -1,4 +1,4 @@
-"""CUDA graphs (graphs.py) and what they need: the loss at every position, lengths padded to a multiple.
+"""CUDA graphs (speed/graphs.py) and what they need: the loss at every position, lengths padded to a multiple.
 
 References: torch's cross-entropy over full logits (the every-position loss, on the CPU), and
 minilora's eager step, whose own correctness test_train.py checks against torch (the graphed
@@ -31,10 +31,12 @@ def test_every_position_loss_equals_cross_entropy(tmp_path):
         torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-4)
 
 
-def _lora_model_on_gpu(folder, checkpointing, offload=False):
+def _lora_model_on_gpu(folder, checkpointing, offload=False, graphs=False):
+    """The model, what its optimizer steps, and the speed choices, as the trainer attaches them on a GPU."""
+    from minilora import speed
     from minilora.checkpoint import load_model
     from minilora.lora import apply_lora
-    from minilora.step import setup_for_training
+    from minilora.train import TrainConfig
 
     model = load_model(folder, device="cuda", dtype=torch.bfloat16, quantize="nf4", progress=False)
     torch.manual_seed(0)
@@ -42,30 +44,31 @@ def _lora_model_on_gpu(folder, checkpointing, offload=False):
     for n, p in model.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.02)  # B = 0 would give A no gradient
-    setup_for_training(model, gradient_checkpointing=checkpointing, compile="on", device="cuda", offload=offload)
-    return model
+    fast = speed.configure(TrainConfig(gradient_checkpointing=checkpointing, compile="on", offload=offload,
+                                       cuda_graphs="on" if graphs else "off"), "cuda")
+    return model, fast.attach(model), fast
 
 
-def _three_steps(model, mbs, pads, graphed):
+def _three_steps(folder, checkpointing, offload, mbs, pads, graphed):
     """Three optimizer steps over the micro-batches `mbs`, padded by pads[step]; losses, gradients, weights."""
-    from minilora.graphs import GraphedMicroBatches
-    from minilora.offload import host_embedding
-    from minilora.step import flatten_for_optimizer, make_batch, make_optimizer, train_step
-    from minilora.train import TrainConfig
+    import functools
 
-    params = flatten_for_optimizer([p for p in model.parameters() if p.requires_grad])
+    from minilora.speed import make_batch
+    from minilora.train import TrainConfig, make_optimizer, micro_step, train_step
+
+    model, params, fast = _lora_model_on_gpu(folder, checkpointing, offload, graphed)
     opt = make_optimizer(params, TrainConfig(optim="adamw"))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16)
-    graphs = GraphedMicroBatches(model, params, autocast) if graphed else None
+    micro = fast.record(functools.partial(micro_step, model, autocast=autocast, loss=fast.loss), params)
     losses, grads = [], []
     for step in range(3):
-        batches = [make_batch(mb, 0, "cuda", pad_to=pads[step], host_embedding=host_embedding(model)) for mb in mbs]
-        loss, _ = train_step(model, batches, autocast, graphs=graphs)
+        batches = [make_batch(mb, 0, "cuda", pad_to=pads[step], host_embedding=fast.host_embedding) for mb in mbs]
+        loss, _ = train_step(model, batches, autocast, micro=micro)
         losses.append(loss)
         grads.append([p.grad.clone() for p in params])
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return losses, grads, [p.detach().clone() for p in params], graphs
+    return losses, grads, [p.detach().clone() for p in params], micro
 
 
 def _assert_same(eager, graphed):
@@ -95,29 +98,28 @@ def test_graphed_steps_equal_eager_steps(tmp_path, mode):
     ex = uneven_batch(n=8, vocab=512)
     mbs = [[ex[0], ex[7]], [ex[1], ex[2]]]  # longest 26 and 11 tokens
     pads = [_multiple(256), _multiple(256), _multiple(16)]  # step 3: (2, 32) and (2, 16), both new
-    runs = [_three_steps(_lora_model_on_gpu(tmp_path / "m", mode != "no-recompute", offload=mode == "offload"),
-                         mbs, pads, graphed) for graphed in (False, True)]
+    runs = [_three_steps(tmp_path / "m", mode != "no-recompute", mode == "offload", mbs, pads, graphed)
+            for graphed in (False, True)]
     assert len(runs[1][3].recorded) == 3
     _assert_same(*runs)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_graphed_steps_with_the_mlp_in_pieces(tmp_path, monkeypatch):
-    """Sequences longer than MLP_CHUNK_TOKENS run the MLP in checkpointed pieces; those must record too."""
-    import minilora.model as M
+    """Sequences longer than PIECES_AFTER run the MLP in checkpointed pieces; those must record too."""
+    import minilora.speed.mlp as M
 
-    monkeypatch.setattr(M, "MLP_CHUNK_TOKENS", 16)
+    monkeypatch.setattr(M, "PIECES_AFTER", 16)
     tiny_hf_model(tmp_path / "m", "llama", hidden_size=256, intermediate_size=512, vocab_size=512)
     ex = uneven_batch(n=8, vocab=512)
     mbs = [[ex[6], ex[7]]]  # 23 and 26 tokens, padded to 32: the MLP in four pieces of 8
     pads = [_multiple(32)] * 3
-    _assert_same(*(_three_steps(_lora_model_on_gpu(tmp_path / "m", True), mbs, pads, graphed)
-                   for graphed in (False, True)))
+    _assert_same(*(_three_steps(tmp_path / "m", True, False, mbs, pads, graphed) for graphed in (False, True)))
 
 
 def test_bucket_lengths():
     """8 padded lengths up to 2048, then 8 per doubling, never more than 12.5% padding past 2048."""
-    from minilora.graphs import bucket_length
+    from minilora.speed.graphs import bucket_length
 
     assert sorted({bucket_length(t) for t in range(1, 2049)}) == list(range(256, 2049, 256))
     assert len({bucket_length(t) for t in range(2049, 4097)}) == 8

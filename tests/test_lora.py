@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_hf_model
 from minilora.checkpoint import load_model
 from minilora.lora import LoRALinear, apply_lora, count_parameters, describe_trainable
-from minilora.quant import NF4Linear
+from minilora.nf4 import NF4Linear
 
 
 @pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("nf4", False), ("fp4", True)])
@@ -39,8 +39,8 @@ def test_nf4_linear_matches_bitsandbytes_linear4bit(quant_type, double_quant):
 
 NF4_KERNEL_CHECK = """
 import torch, bitsandbytes.functional as bnbF
-from minilora import nf4_triton
-from minilora.quant import NF4Linear
+from minilora.speed import nf4_triton
+from minilora.nf4 import NF4Linear
 torch.manual_seed(0)
 # 320 x 640: 3,200 blocks of 64, so the last of the 13 groups of 256 scales is partly filled; and a
 # size that is not a multiple of the kernel's 2,048 weights per program
@@ -77,9 +77,10 @@ def test_triton_nf4_kernel_equals_bitsandbytes_on_the_cpu_interpreter():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_triton_nf4_kernel_equals_bitsandbytes_on_the_gpu():
-    from minilora import nf4_triton
+    from minilora.speed import nf4_triton
 
     pytest.importorskip("triton")
+    nf4_triton.install()  # nf4.dequantize runs the kernel from now on, as speed.configure makes it on a GPU
     torch.manual_seed(0)
     for rows, cols in [(8960, 1536), (256, 1536), (4096, 14336)]:
         layer = NF4Linear.from_weight(torch.randn(rows, cols, device="cuda"), compute_dtype=torch.bfloat16)
@@ -166,8 +167,8 @@ def test_bad_rank(tmp_path, r):
 
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_folded_gate_up_equals_two_lora_linears(double_quant):
-    """lora_mlp.gate_up against LoRALinear's y = base(x) + s B A x: outputs, and the gradients of x, A and B."""
-    from minilora.lora_mlp import can_fold, gate_up
+    """speed/mlp.py's gate_up against LoRALinear's y = base(x) + s B A x: outputs, and the gradients of x, A and B."""
+    from minilora.speed.mlp import can_fold, gate_up
 
     torch.manual_seed(0)
     mods = [LoRALinear(NF4Linear.from_weight(torch.randn(96, 64), double_quant=double_quant,
@@ -200,7 +201,7 @@ def test_folded_gate_up_equals_two_lora_linears(double_quant):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_folded_gate_up_equals_two_lora_linears_on_the_gpu():
     """The GPU path: bf16, the Triton kernel writing each weight into its wider matrix."""
-    from minilora.lora_mlp import gate_up
+    from minilora.speed.mlp import gate_up
 
     torch.manual_seed(0)
     mods = [LoRALinear(NF4Linear.from_weight(torch.randn(1024, 512, device="cuda")), r=16, alpha=16)
@@ -221,7 +222,7 @@ def test_folded_gate_up_equals_two_lora_linears_on_the_gpu():
 
 
 def test_training_mlp_folds_gate_and_up_and_eval_does_not(tmp_path, monkeypatch):
-    from minilora import lora_mlp
+    from minilora.speed import mlp as lora_mlp
     from conftest import trainable_nf4_model
 
     tiny_hf_model(tmp_path / "m", "llama", num_hidden_layers=1)

@@ -74,7 +74,7 @@ def test_nf4_model_equals_transformers_with_bnb_dequantized_weights(tmp_path):
     transformers' model whose linear weights went through bnb's own quantize -> dequantize."""
     import bitsandbytes.functional as bnbF
 
-    from minilora.quant import NF4Linear
+    from minilora.nf4 import NF4Linear
 
     hf = tiny_hf_model(tmp_path / "m", "qwen2")
     q = load_model(tmp_path / "m", quantize="nf4", dtype=torch.float32, progress=False)
@@ -153,22 +153,22 @@ def _loss_and_lora_grads(model, length: int):
 
 @pytest.mark.parametrize("mode", ["plain", "recompute", "offload"])
 def test_mlp_in_pieces_equals_whole_sequence(tmp_path, monkeypatch, mode):
-    """The long-sequence MLP (pieces of MLP_CHUNK_TOKENS / 2 positions; checkpointed ones when gradients are on,
+    """The long-sequence MLP (speed/mlp.py: pieces of PIECES_AFTER / 2 positions; checkpointed ones when gradients are on,
     plain ones in the no-gradient forward of an offloaded layer) against the whole-sequence MLP: the same loss
     and LoRA gradients, without and with per-layer recompute around it, and in lean mode."""
-    from minilora import model as M
+    from minilora.speed import mlp as M
 
     tiny_hf_model(tmp_path / "m", "qwen2", num_hidden_layers=2)
 
     def run(chunk):
-        monkeypatch.setattr(M, "MLP_CHUNK_TOKENS", chunk)
+        monkeypatch.setattr(M, "PIECES_AFTER", chunk)
         model = trainable_nf4_model(tmp_path / "m", gradient_checkpointing=mode == "recompute",
                                      offload=mode == "offload")
         return _loss_and_lora_grads(model, 21)
 
     pieces = []
-    real = M.MLP.swiglu_in_pieces
-    monkeypatch.setattr(M.MLP, "swiglu_in_pieces", lambda self, x, piece: pieces.append(piece) or real(self, x, piece))
+    real = M.TrainingMLP.swiglu_in_pieces
+    monkeypatch.setattr(M.TrainingMLP, "swiglu_in_pieces", lambda self, x, piece: pieces.append(piece) or real(self, x, piece))
     whole = run(10**9)
     assert pieces == []
     chunked = run(8)  # 21 positions in pieces of 4: 6 pieces, the last one short

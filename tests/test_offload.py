@@ -7,24 +7,25 @@ the same code path is recorded in bench/."""
 import pytest
 import torch
 
-from conftest import tiny_hf_model
+from conftest import attach_speed, tiny_hf_model
 from minilora import data as D
 from minilora.checkpoint import load_model
 from minilora.lora import apply_lora
-from minilora.offload import HostEmbedding, host_embedding, pinned_empty
-from minilora.step import make_batch, setup_for_training, train_step
+from minilora.speed import make_batch
+from minilora.speed.offload import HostEmbedding, host_embedding, pinned_empty
+from minilora.train import train_step
 
 
 def grads(folder, offload: bool, steps=2, device="cpu", dropout=0.2, lengths=(17, 17), host_rows=False):
     """Losses and LoRA gradients of `steps` steps, each of one micro-batch (3, lengths[step]). host_rows: the
-    batch brings its embedding rows, looked up on the host (step.make_batch's `host_embedding`)."""
+    batch brings its embedding rows, looked up on the host (speed.make_batch's `host_embedding`)."""
     torch.manual_seed(0)
     model = load_model(folder, device=device, quantize="nf4", progress=False)
     apply_lora(model, r=4, alpha=8, dropout=dropout)  # dropout: the recompute must replay the same masks
     for n, p in model.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.05)
-    setup_for_training(model, gradient_checkpointing=True, compile="off", device=device, offload=offload)
+    attach_speed(model, device, gradient_checkpointing=True, compile="off", offload=offload)
     g = torch.Generator().manual_seed(1)
     out = []
     for step in range(steps):  # a second step checks the buffers are reused correctly
@@ -48,7 +49,7 @@ def test_offloaded_checkpoint_equals_plain_checkpoint(tmp_path, device):
     tiny_hf_model(tmp_path / "m", "qwen2", num_hidden_layers=3)
     model, lean = grads(tmp_path / "m", offload=True, device=device)
     assert isinstance(model.model.embed_tokens, HostEmbedding)
-    assert model.model.offloader.slots == []  # every offloaded input was taken back
+    assert model.model.call_layer.offloader.slots == []  # every offloaded input was taken back
     _, plain = grads(tmp_path / "m", offload=False, device=device)
     for (la, ga), (lb, gb) in zip(lean, plain):
         assert abs(la - lb) < 1e-6
@@ -72,7 +73,7 @@ def test_offload_without_dropout_and_with_host_rows(tmp_path):
     tiny_hf_model(tmp_path / "m", "llama", num_hidden_layers=3)
     lengths = (17, 9, 21)
     model, lean = grads(tmp_path / "m", offload=True, steps=3, dropout=0.0, lengths=lengths, host_rows=True)
-    offloader = model.model.offloader
+    offloader = model.model.call_layer.offloader
     assert [a.numel() for a in offloader.arenas] == [3 * 21 * 64] * 3 and len(offloader.outgrown) == 3
     _, plain = grads(tmp_path / "m", offload=False, steps=3, dropout=0.0, lengths=lengths)
     _assert_same(lean, plain)

@@ -1,4 +1,4 @@
-"""Padding-free batches (packing.py) do not change the loss.
+"""Padding-free batches (speed/padding_free.py) do not change the loss.
 
 The reference for each example is the example alone: a batch of one, no padding, no mask,
 the plain causal path that test_model.py checks against transformers. The packed row of
@@ -12,9 +12,10 @@ import torch
 
 from conftest import tiny_hf_model, trainable_nf4_model
 from minilora import data as D
-from minilora import packing
 from minilora.loss import causal_lm_loss
-from minilora.step import hidden_states, make_batch
+from minilora.speed import make_batch
+from minilora.speed import padding_free as packing
+from minilora.train import hidden_states
 from test_distributed import assert_same_run
 from test_train import run_train, tiny_run_args
 
@@ -80,14 +81,18 @@ def test_padding_free_training_follows_the_padded_run(tmp_path):
 
 def test_evaluate_runs_without_autograd(tmp_path, monkeypatch):
     """Eval keeps no graph: no activations held for a backward that never comes (and NF4 takes bnb's own path)."""
-    from minilora import step
+    from minilora.train import evaluate
 
     tiny_hf_model(tmp_path / "m", "llama", num_hidden_layers=1)
     model = trainable_nf4_model(tmp_path / "m")
-    modes, real = [], step.causal_lm_loss
-    monkeypatch.setattr(step, "causal_lm_loss", lambda *a, **kw: modes.append(torch.is_grad_enabled()) or real(*a, **kw))
+    modes = []
+
+    def loss(*a, **kw):  # causal_lm_loss, noting whether autograd records
+        modes.append(torch.is_grad_enabled())
+        return causal_lm_loss(*a, **kw)
+
     for padding_free in (False, True):
-        loss = step.evaluate(model, examples(), 2, 0, "cpu", OFF, padding_free)
-        assert loss > 0
+        loss_value = evaluate(model, examples(), 2, lambda ex: make_batch(ex, 0, "cpu", padding_free), OFF, loss)
+        assert loss_value > 0
     assert modes and not any(modes)
     assert model.training  # evaluate puts the mode back

@@ -4,6 +4,7 @@ References: torch's own cross-entropy over full logits (loss and accumulation),
 transformers' schedulers (lr curve); resume is compared with an uninterrupted
 run of the same code, which is the property itself.
 """
+import dataclasses
 import json
 import math
 import subprocess
@@ -18,6 +19,7 @@ from minilora import train as T
 from minilora.checkpoint import load_model
 from minilora.lora import apply_lora
 from minilora.loss import causal_lm_loss, reference_loss
+from minilora.speed import compiled_chunk
 
 
 def lora_model(folder, seed=0):
@@ -49,12 +51,13 @@ def test_chunked_loss_equals_full_logits_cross_entropy(tmp_path, compiled):
     model = lora_model(tmp_path / "m")
     b = D.collate(uneven_batch(), pad_id=0)
     h = model.model(b["input_ids"])
-    ours, n = causal_lm_loss(h, model.lm_head.weight, b["labels"], rows=7, compiled=compiled)  # several chunks
+    chunk = {"chunk": compiled_chunk()} if compiled else {}  # the chunk function the trainer compiles on a GPU
+    ours, n = causal_lm_loss(h, model.lm_head.weight, b["labels"], rows=7, **chunk)  # several chunks
     ref, n_ref = reference_loss(model.lm_head(h), b["labels"])
     assert n == n_ref
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-5)
     with torch.no_grad():  # the eval path: the loss alone
-        torch.testing.assert_close(causal_lm_loss(h, model.lm_head.weight, b["labels"], rows=7, compiled=compiled)[0],
+        torch.testing.assert_close(causal_lm_loss(h, model.lm_head.weight, b["labels"], rows=7, **chunk)[0],
                                    ref, atol=1e-4, rtol=1e-5)
     g_ours = torch.autograd.grad(ours, [p for p in model.parameters() if p.requires_grad], retain_graph=True)
     g_ref = torch.autograd.grad(ref, [p for p in model.parameters() if p.requires_grad])
@@ -201,7 +204,8 @@ def test_flat_optimizer_matches_one_entry_per_factor(optim):
     """step.flatten_for_optimizer: factors joined into one tensor train bit for bit as bitsandbytes' (or torch's)
     AdamW trains them one entry each, over 3 steps of 2 accumulated micro-batches. A factor under 4096
     values stays apart (bitsandbytes keeps 32-bit state for it); the others become views of the flat tensor."""
-    from minilora.step import flatten_for_optimizer, make_optimizer
+    from minilora.speed.flat_optimizer import flatten_for_optimizer
+    from minilora.train import make_optimizer
 
     torch.manual_seed(0)
     shapes = [(16, 512), (256, 16), (16, 256), (64, 16), (512, 16)]  # (64, 16): 1024 values, kept apart
@@ -297,7 +301,7 @@ def test_bad_data_line_is_named(tmp_path):
 def test_help_lists_every_flag():
     r = run_train(["--help"])
     assert r.returncode == 0
-    for f in T.fields(T.TrainConfig):
+    for f in dataclasses.fields(T.TrainConfig):
         assert "--" + f.name.replace("_", "-") in r.stdout, f.name
 
 
@@ -307,7 +311,7 @@ def test_demo_learns(tmp_path, smollm2):
     Held-out questions are never trained on, so accuracy rising is learning, not recall."""
     cfg = T.parse_config(["--output-dir", str(tmp_path / "demo")])
     assert cfg.max_steps == 24 and not cfg.model and not cfg.data
-    report = T.run(cfg)
+    report = T.train(cfg)
     assert report["eval_loss_after"] < 0.5 * report["eval_loss_before"]
     assert report["after"]["accuracy"] >= report["before"]["accuracy"] + 0.5
     rows = [json.loads(r) for r in (tmp_path / "demo/metrics.jsonl").read_text().splitlines()]

@@ -7,7 +7,7 @@ position in the data. A kill loses only the steps after the newest one. --resume
 complete checkpoint, refuses it if the run's settings differ, puts it back and cuts metrics.jsonl back
 to the rows it held, so the resumed losses equal those of a run never interrupted (tests/test_fault_kill.py).
 
-A `cfg` below is train.py's TrainConfig, of which only the fields named are read.
+A `cfg` below is config.py's TrainConfig, of which only the fields named are read.
 """
 from __future__ import annotations
 
@@ -16,21 +16,35 @@ import os
 import random
 import re
 import shutil
-from dataclasses import asdict
+import sys
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from . import distributed as dp
-from .atomic import atomic_dir, clean_leftovers
-from .checkpoint import save_adapter, unpickling_error
-from .lora import lora_state_dict
+from .. import distributed as dp
+from ..adapter import save_adapter
+from ..atomic import atomic_dir, clean_leftovers
+from ..checkpoint import unpickling_error
+from ..lora import lora_state_dict
 
 
 class ResumeError(ValueError):
     """This --output-dir cannot be started or resumed as asked: printed as one line, exit code 2 (as a bad flag)."""
+
+
+@dataclass
+class State:
+    """Where training stands: what each checkpoint saves, and --resume puts back."""
+    step: int = 0  # optimizer steps done
+    position: int = 0  # examples taken so far: the epoch, and where in its order the next step starts
+    metrics: dict = field(default_factory=lambda: {"bad_in_a_row": 0, "skipped": 0, "metrics_rows": 0})
+    last_ckpt: Path | None = None  # the newest complete checkpoint
+    # The rng state at the start of step `step + 1`. A Ctrl-C or out-of-memory inside a step saves this one,
+    # not the current state, which that step's dropout has already advanced: the resume redoes the step.
+    rng_next: dict | None = None
 
 
 # ----------------------------------------------------------------------------- saving
@@ -75,6 +89,32 @@ def why(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror:
         return e.strerror + (f" ({e.filename})" if e.filename else "")
     return f"{type(e).__name__}: {e}"
+
+
+def checkpoint(out: Path, state: State, model, optimizer, scaler, cfg, acfg, together: bool = True) -> Path | None:
+    """Save the state after `state.step`. A failed save (disk full, no permission) warns and training goes
+    on: atomic_dir leaves the previous checkpoints as they were, and one lost save beats a lost run.
+
+    Rank 0 writes; the weights and optimizer state are the same on every rank. `together`: every rank
+    is here at the same step, and learns whether rank 0's save worked (so that all agree on the newest
+    checkpoint); False when a rank stops alone (Ctrl-C, out of memory), where a collective could hang.
+    """
+    target = out / "checkpoints" / f"step-{state.step:06d}"
+    if state.last_ckpt == target:  # already saved at this step (say, Ctrl-C right after a periodic save)
+        return state.last_ckpt
+    saved = None
+    if dp.is_main():
+        try:
+            saved = save_checkpoint(out, state.step, model, optimizer, cfg, acfg, state.position, state.metrics,
+                                    scaler, state.rng_next)
+        except SAVE_ERRORS as e:
+            print(f"\nWARNING: could not save checkpoint {target}: {why(e)}. The newest complete checkpoint is "
+                  f"{state.last_ckpt or 'none yet'}; training goes on.", file=sys.stderr, flush=True)
+    if together and dp.world() > 1:  # rank 0's outcome, to every rank (and a barrier)
+        saved = target if dp.all_reduce_sum(int(saved is not None)) else None
+    if saved:
+        state.last_ckpt = saved
+    return saved
 
 
 # ----------------------------------------------------------------------------- resuming
@@ -129,11 +169,27 @@ def restore(state: dict, ck: Path, model, optimizer, scaler):
     except ValueError as e:  # torch: "loaded state dict contains a parameter group that doesn't match the size..."
         raise ResumeError(f"cannot resume from {ck}: its optimizer state does not fit this run's parameters ({e}). "
                           "It was saved by a minilora that kept one optimizer entry per LoRA factor, before they "
-                          "were joined into one tensor (step.flatten_for_optimizer). Its adapter is still good: "
+                          "were joined into one tensor (speed/flat_optimizer.py). Its adapter is still good: "
                           "start a new run, or resume with the minilora that wrote it.") from None
     if state.get("scaler") and scaler.is_enabled():  # {} when saved without fp16
         scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
+
+
+def start(out: Path, resume: tuple[Path, dict] | None, model, optimizer, scaler) -> State:
+    """Where the run starts: step 0, or a checkpoint put back (--resume); metrics.jsonl is cut back to the rows
+    it held when that checkpoint was saved."""
+    state, rows = State(), 0
+    if resume:
+        ck, saved = resume
+        restore(saved, ck, model, optimizer, scaler)
+        state.step, state.position, state.last_ckpt = saved["step"], saved["position"], ck
+        state.metrics.update(saved["metrics"])
+        rows = saved["metrics"].get("metrics_rows")
+        print(f"resumed from {ck} at step {state.step}")
+    if dp.is_main():
+        state.metrics["metrics_rows"] = rewind_metrics(out / "metrics.jsonl", state.step, rows)
+    return state
 
 
 def rewind_metrics(path: Path, step: int, rows: int | None) -> int:
@@ -169,7 +225,7 @@ def prepare_output(cfg) -> Path:
     finished = (out / "adapter" / "adapter_config.json").is_file()
     started = newest_checkpoint(out) is not None or (out / "metrics.jsonl").exists()
     if cfg.overwrite and out.exists():
-        if dp.is_main():  # the other ranks wait at train.py's set_up() barrier until the folder is clean
+        if dp.is_main():  # the other ranks wait at train.py's barrier until the folder is clean
             shutil.rmtree(out)
     elif cfg.resume and not started:
         raise ResumeError(f"--resume: {out} has no checkpoint to resume from.")

@@ -17,9 +17,7 @@ The conventions of llama.cpp's converter (convert_hf_to_gguf.py) that matter:
 - the tokenizer travels as lists (tokens by id, their types, merges) plus the
   *name* of the pre-tokenizer regex, which llama.cpp implements itself.
 
-This file reads safetensors itself rather than through checkpoint.py, so that
-imports keep pointing down: checkpoint.py is the layer above, and finds its own
-shards with `shard_files` from here.
+The checkpoint's shards are read through checkpoint.py, as every reader of one does.
 """
 from __future__ import annotations
 
@@ -30,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import atomic_dir
+from ..atomic import atomic_dir
+from ..checkpoint import is_rope_table, iter_tensors, shard_files
 
 # HF module suffix -> GGUF tensor name, for decoder layer tensors.
 LAYER_NAMES = {
@@ -74,25 +73,6 @@ def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """The inverse of `permute_qk`."""
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
-# ----------------------------------------------------------------------------- Hugging Face checkpoint files
-
-def shard_files(folder: Path, single: str) -> list[Path]:
-    """A Hugging Face checkpoint's weight files: the shards `<single>.index.json` names, else `single` alone.
-
-    `single` is "model.safetensors" or "pytorch_model.bin". [] when the folder has neither, so that each
-    caller can say what it looked for. checkpoint.py reads its checkpoints through this too.
-    """
-    index = folder / f"{single}.index.json"
-    if not index.is_file():
-        return [folder / single] if (folder / single).is_file() else []
-    try:
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    except (ValueError, KeyError, TypeError, AttributeError) as e:  # bad JSON, or no {"weight_map": {...}}
-        raise ValueError(f"{index}: not a shard index (a JSON object whose \"weight_map\" maps each tensor "
-                         f"to its file): {type(e).__name__}: {e}.") from None
-    return [folder / name for name in names]
 
 
 # ----------------------------------------------------------------------------- pre-tokenizers, by name
@@ -274,17 +254,12 @@ def _weights(folder: Path, cfg, *, data: bool):
     `data=False` reads only the headers (shapes); both passes see the same order, which the writer needs.
     RoPE's inv_freq is recomputed by llama.cpp, and a tied lm_head is embed_tokens itself.
     """
-    from safetensors import safe_open
-
     files = shard_files(folder, "model.safetensors")
     if not files:
         raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json to convert.")
-    for f in files:
-        with safe_open(str(f), framework="pt", device="cpu") as st:
-            for name in st.keys():
-                if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and cfg.tie_word_embeddings):
-                    continue
-                yield name, (st.get_tensor(name) if data else tuple(st.get_slice(name).get_shape()))
+    for name, t in iter_tensors(files, shapes_only=not data):
+        if not (is_rope_table(name) or (name == "lm_head.weight" and cfg.tie_word_embeddings)):
+            yield name, t
 
 
 def _token_str(value) -> str | None:
@@ -370,7 +345,7 @@ def llama3_rope_factors(cfg) -> torch.Tensor:
     """
     from dataclasses import replace
 
-    from .model import rope_inv_freq
+    from ..model import rope_inv_freq
 
     return (rope_inv_freq(replace(cfg, rope_scaling=None)) / rope_inv_freq(cfg)).float()
 
@@ -400,7 +375,7 @@ def write_gguf(folder: str | Path, out_path: str | Path, out_type: str = "f16", 
     import gguf
     from huggingface_hub.utils import tqdm
 
-    from .model import ModelConfig
+    from ..model import ModelConfig
 
     if out_type not in GGUF_OUT_TYPES:
         raise ValueError(f"GGUF type {out_type!r} is not supported; choose one of {', '.join(GGUF_OUT_TYPES)}.")

@@ -10,14 +10,15 @@ ahead of use (layer i-1's input is copied while layer i's backward computes),
 so the copies hide behind compute. 32 MiB over PCIe (~25 GB/s) takes ~1.3 ms,
 against ~9 ms for a layer's recompute + backward.
 
-The layer is recomputed exactly like torch.utils.checkpoint: with dropout, the
-RNG state is saved before forward and restored for the recompute, so the masks
-match; without, nothing random runs and no state is saved.
+The layer is recomputed exactly like torch.utils.checkpoint (recompute.py): with
+dropout, the RNG state is saved before forward and restored for the recompute, so
+the masks match; without, nothing random runs and no state is saved. `Offload` is
+the decoder's `call_layer` (model.py) in this mode, as `Recompute` is otherwise.
 
 `HostEmbedding` keeps the frozen embedding table (1 GiB for a 128k vocabulary
 at 4096 wide) on the host: a lookup is a gather of B*T rows, and only those
 rows (32 MiB here) cross to the GPU. The trainer looks them up while building
-the batch (step.make_batch), from ids that are still on the host: looking up
+the batch (speed.make_batch), from ids that are still on the host: looking up
 GPU ids would make the host wait for the GPU at every micro-batch.
 
 Under a CUDA graph (graphs.py) all of this is recorded once and replayed: the
@@ -154,6 +155,22 @@ class OffloadedCheckpoint(torch.autograd.Function):
                     y = ctx.layer(x, *ctx.args)
         torch.autograd.backward(y, grad_y)  # accumulates the LoRA gradients of this layer
         return (x.grad, None, None, None) + (None,) * len(ctx.args)
+
+
+class Offload:
+    """DecoderModel.call_layer for lean mode: each layer in training through OffloadedCheckpoint, except those
+    in `keep` (--keep-activations), which keep their activations on the GPU."""
+
+    def __init__(self, device, keep: set[nn.Module], preserve_rng: bool):
+        self.offloader = HostOffloader(device)
+        self.keep, self.preserve_rng = keep, preserve_rng
+
+    def __call__(self, layer: nn.Module, x: torch.Tensor, *args) -> torch.Tensor:
+        if not layer.training or layer in self.keep:
+            return layer(x, *args)
+        if not x.requires_grad:  # the frozen embedding's output: so that the custom checkpoint's backward runs
+            x = x.detach().requires_grad_()
+        return OffloadedCheckpoint.apply(x, self.offloader, layer, self.preserve_rng, *args)
 
 
 class HostEmbedding(nn.Module):

@@ -1,4 +1,4 @@
-"""NF4 (4-bit NormalFloat) linear layers, stored by bitsandbytes (nf4_triton.py reads them back faster on a GPU).
+"""NF4 (4-bit NormalFloat) linear layers, stored by bitsandbytes.
 
 QLoRA (Dettmers et al., 2023) keeps the frozen base weights in 4 bits:
 - each block of 64 weights is scaled by its absmax into [-1, 1] and snapped to
@@ -12,6 +12,8 @@ QLoRA (Dettmers et al., 2023) keeps the frozen base weights in 4 bits:
 Storage: 4 bits * N + 8 bits * N/64 + 32 bits * N/(64*256) ~ 4.13 bits/weight,
 against 16 for bf16. bitsandbytes does the packing, here as on the GPU (since
 0.49 its NF4 kernels also run on the CPU, so the tests exercise this real path).
+A faster dequantization can be installed from outside (`faster_dequantize`:
+speed/nf4_triton.py puts its one-kernel version there on a GPU).
 """
 from __future__ import annotations
 
@@ -20,8 +22,6 @@ import bitsandbytes.functional as bnbF
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from . import nf4_triton
 
 BLOCKSIZE = 64  # weights per absmax block, as in the QLoRA paper and bitsandbytes' default
 
@@ -99,22 +99,14 @@ class NF4Matmul(torch.autograd.Function):
         return grad_y @ dequantize(packed, ctx.quant_state, grad_y.dtype), None, None, None
 
 
-def dequantize(packed: torch.Tensor, qs, dtype: torch.dtype, extra: torch.Tensor | None = None) -> torch.Tensor:
-    """The (out, in) weight in `dtype`: one Triton kernel on a GPU (nf4_triton.py), else bitsandbytes'.
-    With `extra` (out, k): the (out, in + k) matrix [weight | extra] (lora_mlp.py)."""
-    if nf4_triton.supports(packed, qs):
-        return nf4_triton.dequantize(packed, qs, dtype, extra)
-    w = bnbF.dequantize_4bit(packed, qs).to(dtype)
-    return w if extra is None else torch.cat([w, extra.to(dtype)], dim=1)
+# (packed codes, quant_state, dtype) -> the weight, or None where it does not apply. None: bitsandbytes' alone.
+faster_dequantize = None
 
 
-def quantized_bytes(model: nn.Module) -> int:
-    """Bytes held by 4-bit layers (codes plus statistics), for the load report."""
-    total = 0
-    for m in model.modules():
-        if isinstance(m, NF4Linear):
-            qs = m.quant_state
-            total += m.weight.numel() * m.weight.element_size() + qs.absmax.numel() * qs.absmax.element_size()
-            if qs.nested:
-                total += qs.state2.absmax.numel() * 4
-    return total
+def dequantize(packed: torch.Tensor, qs, dtype: torch.dtype) -> torch.Tensor:
+    """The (out, in) weight in `dtype`: the installed faster kernel where it applies, else bitsandbytes'."""
+    if faster_dequantize is not None:
+        w = faster_dequantize(packed, qs, dtype)
+        if w is not None:
+            return w
+    return bnbF.dequantize_4bit(packed, qs).to(dtype)

@@ -1,10 +1,10 @@
-"""NF4 dequantization in one Triton kernel: the GPU fast path of quant.py's `dequantize`.
+"""NF4 dequantization in one Triton kernel: on a GPU, `install()` makes it nf4.py's `dequantize`.
 
 Every training matmul of a QLoRA model first turns a 4-bit weight back into bf16. bitsandbytes does
 it in two kernels: one dequantizes the 8-bit absmax of every block of 64 weights to fp32 (double
-quantization), the next the 4-bit codes. Profiled on an H100 the pair moves ~1.7-1.9 TB/s of the
-GPU's ~3.3: 20 ms of the 8B model's 393 ms step, 4.8 ms of the 1.5B's 115 (bench/NOTES.md, sections
-10 and 11). Here one kernel reads the codes and both levels of scales and writes the weight:
+quantization), the next the 4-bit codes, and the pair stays well short of the GPU's memory bandwidth
+(bench/NOTES.md, sections 10 and 11, has the profiles). Here one kernel reads the codes and both levels
+of scales and writes the weight:
 
     w[2i], w[2i+1] = NF4[byte_i >> 4] * s, NF4[byte_i & 15] * s     (high nibble first, as bitsandbytes packs)
     s = CODE8[absmax8[i // 32]] * absmax2[i // (32 * 256)] + offset   (32 bytes = one block of 64 weights;
@@ -13,9 +13,9 @@ GPU's ~3.3: 20 ms of the 8B model's 393 ms step, 4.8 ms of the 1.5B's 115 (bench
 Each program handles BYTES packed bytes (2 * BYTES weights); the 16-entry NF4 table and the 256-entry
 8-bit code book are tiny and stay in cache, so the traffic is the 4.13 bits read and the 16 bits
 written per weight. torch.compile sees the kernel as one opaque op (`minilora::dequantize_nf4`),
-as it sees bitsandbytes'. `extra` columns can follow each row of the weight (lora_mlp.py puts the LoRA
-factors there): the kernel then writes rows `cols + extra` apart, and no copy of the weight is needed. Without Triton or a GPU, or for FP4 / single quantization, quant.py
-uses bitsandbytes.
+as it sees bitsandbytes'. `extra` columns can follow each row of the weight (speed/mlp.py puts the LoRA
+factors there): the kernel then writes rows `cols + extra` apart, and no copy of the weight is needed.
+Without Triton or a GPU, or for FP4 / single quantization, nf4.py keeps bitsandbytes'.
 
 Reference: bitsandbytes' `dequantize_4bit`; tests/test_lora.py compares the two on the CPU through
 Triton's interpreter (TRITON_INTERPRET=1) and, on a GPU, the compiled kernel.
@@ -26,10 +26,12 @@ import contextlib
 
 import torch
 
+from .. import nf4
+
 try:
     import triton
     import triton.language as tl
-except ImportError:  # CPU-only installs: quant.py falls back to bitsandbytes
+except ImportError:  # CPU-only installs: nf4.py keeps bitsandbytes'
     triton = None
 
 BYTES = 1024  # packed bytes per program: 2,048 weights, 32 absmax blocks
@@ -43,8 +45,17 @@ def supports(packed: torch.Tensor, qs) -> bool:
             and qs.blocksize == 64 and qs.state2.blocksize == 256 and qs.shape.numel() % 64 == 0)
 
 
-def dequantize(packed: torch.Tensor, qs, dtype: torch.dtype, extra: torch.Tensor | None = None) -> torch.Tensor:
-    """The (out, in) weight in `dtype`; with `extra` (out, k), the (out, in + k) matrix [weight | extra]."""
+def install():
+    """From now on nf4.dequantize runs this kernel wherever it applies (speed.configure calls this on a GPU)."""
+    if triton is not None:
+        nf4.faster_dequantize = dequantize
+
+
+def dequantize(packed: torch.Tensor, qs, dtype: torch.dtype, extra: torch.Tensor | None = None):
+    """The (out, in) weight in `dtype`; with `extra` (out, k), the (out, in + k) matrix [weight | extra].
+    None where the kernel does not apply (the contract of nf4.faster_dequantize)."""
+    if not supports(packed, qs):
+        return None
     rows, cols = qs.shape
     return dequantize_nf4(packed, qs.code, qs.absmax, qs.state2.code, qs.state2.absmax, qs.offset.reshape(1),
                           rows, cols, dtype, extra)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .data import IGNORE
+from ..loss import IGNORE
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,178 @@
+"""The speed machinery: what makes training fast or lean, attached from outside to an unchanged model.
+
+`configure(cfg, device)` makes every automatic choice from the flags and the device before anything loads,
+refusing a combination that cannot work with the reason; `.attach(model)` then applies the choices:
+
+    feature            file                what it changes                          when
+    recompute          recompute.py        DecoderModel.call_layer                  --gradient-checkpointing (default)
+    keep activations   recompute.py        the last N layers skip the recompute     --keep-activations N
+    host offload       offload.py          call_layer, and the embedding table      --offload
+    Triton dequantize  nf4_triton.py       nf4.faster_dequantize                    a CUDA GPU with Triton
+    folded gate/up     mlp.py              each layer's MLP, swapped (same names)   training, unless --fsdp
+    long-sequence MLP  mlp.py              the same swap                            past 32k tokens, unless --fsdp
+    compile            (here)              each decoder layer, the loss's chunks    --compile auto: on CUDA
+    CUDA graphs        graphs.py           the micro-step, recorded and replayed    --cuda-graphs auto: see `graphs`
+    padding-free       padding_free.py     the batches: one row, no pad tokens      --padding-free
+    flat optimizer     flat_optimizer.py   what AdamW steps: one tensor             always
+
+CLASHES, below, is the one table of features that cannot run together. Nothing in model.py, nf4.py, lora.py or
+loss.py imports this package: a learner reads the plain model, and the trainer attaches this to it.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..checkpoint import default_dtype
+from ..config import UsageError
+from ..data import collate
+from ..loss import LOGIT_ELEMENTS, causal_lm_loss, chunk_loss_and_grad
+from . import nf4_triton, padding_free as pf
+from .flat_optimizer import flatten_for_optimizer
+from .graphs import GraphedMicroBatches, GraphRecordingError, bucket_length  # noqa: F401  (the trainer's)
+from .mlp import TrainingMLP
+from .offload import HostEmbedding, Offload, host_embedding
+from .recompute import Recompute, check_keep_activations, draws_random_numbers, kept_layers
+
+# Features that cannot run together, and why. A flag asking for both is refused (`check`); where one of the two
+# is automatic, it is left off.
+CLASHES = {
+    ("cuda_graphs", "padding_free"): "its row layout changes with every batch; graphs need a few fixed shapes.",
+    ("cuda_graphs", "fsdp"): "FSDP2's gathers run between the layers' kernels.",
+    ("cuda_graphs", "dropout"): "the checkpointed recompute must save the RNG state to redraw the same masks, and a "
+                                "recording cannot read it (without checkpointing, dropout in a graph is untested here).",
+    ("compile", "fsdp"): "per-layer compile cannot trace FSDP2's gather/free hooks inside each layer here",
+    # each call of a sharded layer gathers its weights, so every rank must make the same calls:
+    ("mlp_pieces", "fsdp"): "the number of pieces depends on this rank's sequence length",
+    ("fold", "fsdp"): "the folded gate/up reads the 4-bit codes without calling the layers, so without their gathers",
+}
+
+# Above this many tokens per micro-batch a step is GPU time already, while each recording costs two more passes
+# (minutes at 350k tokens) and the memory of its pool (bench/NOTES.md, sections 9 and 10): auto leaves graphs off.
+GRAPH_AUTO_TOKENS = 32768
+# Compiled, a loss chunk holds no fp32 copy of its logits (loss.py), so its chunks can be twice as long.
+COMPILED_LOGIT_ELEMENTS = 2 * LOGIT_ELEMENTS
+
+
+def _asked(cfg) -> dict[str, bool]:
+    """The features a user turns on with a flag, of those CLASHES names."""
+    return {"padding_free": cfg.padding_free, "fsdp": cfg.fsdp, "dropout": cfg.dropout > 0}
+
+
+def check(cfg) -> None:
+    """Refuse, before anything loads, flags that ask for features that cannot work together (config.py calls
+    this with the other checks of the flags)."""
+    if cfg.keep_activations and not (cfg.gradient_checkpointing or cfg.offload):
+        raise UsageError("--keep-activations N spares N layers the recompute of gradient checkpointing, which is off "
+                         "(--no-gradient-checkpointing keeps every layer's activations already); drop one of the two.")
+    asked = _asked(cfg)
+    for other in ("padding_free", "fsdp", "dropout"):
+        if cfg.cuda_graphs == "on" and asked[other]:
+            raise UsageError(f"--cuda-graphs on cannot record --{other.replace('_', '-')}: "
+                             f"{CLASHES['cuda_graphs', other]} Drop one of the two (--cuda-graphs auto does).")
+    if cfg.fsdp and cfg.compile == "on":
+        raise UsageError(f"--fsdp and --compile on: {CLASHES['compile', 'fsdp']}; use --compile off (or auto, which "
+                         "is off under --fsdp).")
+
+
+@functools.cache
+def compiled_chunk():
+    """loss.chunk_loss_and_grad through torch.compile, made once for the process (it compiles at the first call
+    of each shape: the full chunks share one, and the last chunk's varying row count becomes a dynamic size)."""
+    return torch.compile(chunk_loss_and_grad)
+
+
+def make_batch(examples, pad_id: int, device, padding_free: bool = False, pad_to=None, host_embedding=None) -> dict:
+    """One micro-batch on `device`: padded to its longest example (or to `pad_to(longest)`), or end to end in
+    one row (padding_free.py). With the embedding table on the host (offload.py), its rows are looked up here,
+    while the ids are still on the host, and sent as `inputs_embeds`."""
+    b = pf.collate(examples) if padding_free else collate(examples, pad_id, pad_to)
+    if host_embedding is not None:
+        b["inputs_embeds"] = host_embedding(b["input_ids"])
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
+
+
+@dataclass
+class Speed:
+    """The choices `configure` made, and what the training loop asks of them."""
+    device: torch.device
+    recompute: bool  # gradient checkpointing (and always with offload)
+    keep_activations: int
+    offload: bool
+    padding_free: bool
+    swap_mlp: bool  # the folded gate/up and the long-sequence pieces (mlp.py)
+    triton: bool
+    compile: bool
+    graphs: bool
+    loss: Callable = causal_lm_loss  # what the micro-step and the eval call: with compiled chunks once attached
+    host_embedding: HostEmbedding | None = None
+
+    def attach(self, model) -> list[torch.nn.Parameter]:
+        """Apply the choices to a model that has its LoRA already; returns what the optimizer steps."""
+        check_keep_activations(self.keep_activations, len(model.model.layers), "the model")
+        keep, rng = kept_layers(model, self.keep_activations), draws_random_numbers(model)
+        if self.offload:
+            model.model.call_layer = Offload(self.device, keep, rng)
+            if not model.config.tie_word_embeddings:  # a tied table is also lm_head, which the GPU needs
+                model.model.embed_tokens = HostEmbedding(model.model.embed_tokens.weight, self.device)
+        elif self.recompute:
+            model.model.call_layer = Recompute(keep, rng)
+        self.host_embedding = host_embedding(model)
+        if self.triton:
+            nf4_triton.install()
+        if self.swap_mlp:
+            for layer in model.model.layers:
+                layer.mlp = TrainingMLP(layer.mlp, fold=True, in_pieces=True)
+        if self.compile:
+            # each decoder layer, not the whole model: compile time is one layer's graph, reused 28-32 times, and
+            # it fuses the elementwise work between the matmuls; the loss's chunks alongside (loss.py)
+            for layer in model.model.layers:
+                layer.compile()
+            self.loss = functools.partial(causal_lm_loss, chunk=compiled_chunk(),
+                                          logit_elements=COMPILED_LOGIT_ELEMENTS)
+        model.train()
+        return flatten_for_optimizer([p for p in model.parameters() if p.requires_grad])
+
+    def make_batch(self, examples, pad_id: int, training: bool = True) -> dict:
+        """A micro-batch as these choices want it: padded to few lengths for the CUDA graphs (training only), or
+        padding-free, with its embedding rows looked up on the host in lean mode."""
+        pad_to = bucket_length if self.graphs and training else None
+        return make_batch(examples, pad_id, self.device, self.padding_free, pad_to, self.host_embedding)
+
+    def record(self, step, params: list[torch.Tensor], scaler=None):
+        """`step(batch, inv_n)` replayed from CUDA graphs (graphs.py), its loss taken over every position (no
+        wait for the host). Without graphs, `step` itself."""
+        if not self.graphs:
+            return step
+        if scaler is not None and scaler.is_enabled():
+            raise ValueError("CUDA graphs record the step without fp16 loss scaling; train in bf16 or without graphs.")
+        return GraphedMicroBatches(functools.partial(step, loss=functools.partial(self.loss, every_position=True)),
+                                   params)
+
+
+def configure(cfg, device, world: int = 1) -> Speed:
+    """Every automatic choice, from the flags (a TrainConfig, or anything with its fields) and the device."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    asked = _asked(cfg)
+    return Speed(device=device, recompute=cfg.gradient_checkpointing or cfg.offload,
+                 keep_activations=cfg.keep_activations, offload=cfg.offload, padding_free=cfg.padding_free,
+                 swap_mlp=not asked["fsdp"], triton=cuda and nf4_triton.triton is not None,
+                 compile=not asked["fsdp"] and (cfg.compile == "on" or (cfg.compile == "auto" and cuda)),
+                 graphs=graphs(cfg, device, world))
+
+
+def graphs(cfg, device: torch.device, world: int) -> bool:
+    """--cuda-graphs: `on` asks for them (check() refused the flags they cannot record), `auto` takes them where
+    they work and pay: a CUDA GPU with bf16, none of CLASHES' flags, one process (the recording with the ranks'
+    all-reduce is not yet measured), and at most GRAPH_AUTO_TOKENS tokens per micro-batch."""
+    dtype = default_dtype(device)
+    fits = device.type == "cuda" and dtype == torch.bfloat16
+    if cfg.cuda_graphs == "on" and not fits:
+        raise UsageError(f"--cuda-graphs on needs a CUDA GPU with bf16 (this run trains on {device} in {dtype}); "
+                         "use --cuda-graphs off.")
+    return cfg.cuda_graphs == "on" or (cfg.cuda_graphs == "auto" and fits and not any(_asked(cfg).values())
+                                       and world == 1 and cfg.max_seq_len * cfg.batch_size <= GRAPH_AUTO_TOKENS)
