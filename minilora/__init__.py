@@ -11,8 +11,10 @@ The package has four parts; README.md has the whole file map with line counts.
 beside them generate.py (generation and chat), distributed.py (torchrun) and demo.py (the demo task).
 """
 import logging
+import time
 
 __version__ = "0.1.0"
+STARTED = time.perf_counter()  # the package's first import, nearly a command's launch: where start-up is timed from
 
 # Third-party start-up lines that tell a minilora user nothing they can act on, dropped here, once, for every
 # command (each starts by importing this package). Each is matched by its logger and the start of its message,

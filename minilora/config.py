@@ -40,6 +40,9 @@ class TrainConfig:
     padding_free: bool = _f(False, "put each micro-batch's examples end to end in one row instead of padding them to "
                                    "the longest (trl's padding_free): no compute on pad tokens, the same loss; "
                                    "measured slower on an H100 at small batches (bench/NOTES.md)")
+    group_by_length: bool = _f(False, "put examples of like length in the same micro-batch (sorted within windows "
+                                      "of 50 micro-batches of the seeded shuffle; transformers' group_by_length), "
+                                      "so that batches carry less padding")
     grad_accum: int = _f(4, "micro-batches per optimizer step (effective batch = batch_size * grad_accum)")
     max_steps: int = _f(0, "optimizer steps; 0: run --epochs")
     epochs: float = _f(1.0, "passes over the training data, used when --max-steps is 0")

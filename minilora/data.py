@@ -368,11 +368,30 @@ def collate(examples: list[Example], pad_id: int, pad_to=None) -> dict[str, torc
     return {"input_ids": ids, "labels": labels}
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """A fixed shuffle per (seed, epoch): resuming at (epoch, position) replays the same data."""
+GROUP_WINDOW = 50  # --group-by-length sorts windows of this many micro-batches, as transformers' sampler does
+
+
+def epoch_order(n: int, seed: int, epoch: int, lengths: list[int] | None = None, batch: int = 1) -> list[int]:
+    """A fixed shuffle per (seed, epoch): resuming at (epoch, position) replays the same data.
+
+    With `lengths` (--group-by-length), examples of like length share a micro-batch of `batch`, so it pads less:
+    the shuffle is cut into windows of GROUP_WINDOW micro-batches, each window sorted by length and dealt out
+    in micro-batches, and those micro-batches shuffled again, so that the steps still mix short and long
+    examples (transformers' group_by_length sorts the same windows, longest first, without that last shuffle).
+    """
+    rng = random.Random(seed * 100_003 + epoch)
     order = list(range(n))
-    random.Random(seed * 100_003 + epoch).shuffle(order)
-    return order
+    rng.shuffle(order)
+    if lengths is None:
+        return order
+    window = GROUP_WINDOW * batch
+    grouped = []
+    for w in range(0, n, window):
+        ranked = sorted(order[w: w + window], key=lambda i: lengths[i])
+        batches = [ranked[b: b + batch] for b in range(0, len(ranked), batch)]
+        rng.shuffle(batches)
+        grouped += [i for mb in batches for i in mb]
+    return grouped
 
 
 def split_eval(examples: list, fraction: float, seed: int) -> tuple[list, list]:

@@ -41,7 +41,7 @@ from . import distributed as dp
 from . import speed
 from .adapter import adapter_config, save_adapter
 from .checkpoint import default_dtype, load_model, pick_device, resolve_model
-from . import config
+from . import STARTED, config
 from .config import TrainConfig, UsageError  # noqa: F401  (UsageError: what parse_config raises)
 from .loss import IGNORE, causal_lm_loss
 from .lora import apply_lora, describe_trainable
@@ -53,6 +53,7 @@ from .tokenizer import Tokenizer
 
 def train(cfg: TrainConfig) -> dict:
     """One training run: set up, train, finish. Returns the report (eval losses, the demo's accuracy)."""
+    start_up = {"imports": time.perf_counter() - STARTED}  # seconds from launch to each point: report.json
     # ---- set-up, cheapest checks first: a mistake in the flags, the output folder or the data costs seconds
     device = dp.init(pick_device(cfg.device))  # under torchrun: join the other ranks (distributed.py)
     fast = speed.configure(cfg, device, dp.world())  # every speed choice, made (or refused) before anything loads
@@ -69,6 +70,7 @@ def train(cfg: TrainConfig) -> dict:
     dp.check_same_everywhere(asdict(cfg), train_set)  # every rank: same flags, same data, or a clear stop
     pad_id = D.pad_id_for(tok)
     demo_eval = demo[1] if demo else None  # the demo's held-out questions: its accuracy before and after
+    start_up["data"] = time.perf_counter() - STARTED
 
     # ---- the model: the 4-bit base, LoRA on --targets, the speed machinery; the optimizer
     model, params = build_model(cfg, model_path, device, fast)
@@ -82,7 +84,9 @@ def train(cfg: TrainConfig) -> dict:
     per_step = cfg.batch_size * cfg.grad_accum * dp.world()  # examples per optimizer step, all ranks together
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train_set) / per_step))
     state = start(out, resume, model, optimizer, scaler)  # step 0, or where the checkpoint left off
-    report = {"eval_loss_before": None}  # report.json: what train() returns
+    lengths = [len(e.input_ids) for e in train_set] if cfg.group_by_length else None
+    report = {"eval_loss_before": None, "start_up_s": start_up}  # report.json: what train() returns
+    start_up["model"] = time.perf_counter() - STARTED
 
     def save(together: bool = True):
         return checkpoint(out, state, model, optimizer, scaler, cfg, acfg, together)
@@ -110,12 +114,13 @@ def train(cfg: TrainConfig) -> dict:
                 print(f"eval loss before: {report['eval_loss_before']:.4f}")
             if demo_eval is not None:
                 report["before"] = demo_report(model, tok, demo_eval)
+            start_up["eval_before"] = time.perf_counter() - STARTED
         model.train()
         state.rng_next = rng_state()
         while state.step < total_steps:
             # this rank's micro-batches: drawn at batch_size x world, the same on every rank, each rank its slice
             epoch, offset = divmod(state.position, len(train_set))
-            order = D.epoch_order(len(train_set), cfg.seed, epoch)
+            order = D.epoch_order(len(train_set), cfg.seed, epoch, lengths, cfg.batch_size * dp.world())
             mbs = micro_batches(train_set, order, offset, cfg.grad_accum, cfg.batch_size * dp.world())
             batches = [fast.make_batch(mb, pad_id) for mb in rank_slice(mbs, dp.rank(), dp.world())]
             lr = lr_at(state.step, cfg, total_steps)
@@ -141,6 +146,7 @@ def train(cfg: TrainConfig) -> dict:
             dt = time.perf_counter() - t0
 
             state.step += 1
+            start_up.setdefault("first_step", time.perf_counter() - STARTED)  # with compile and graph recordings
             state.position += per_step
             state.rng_next = rng_state()
             tokens = dp.all_reduce_sum(sum(b["input_ids"].numel() for b in batches))

@@ -321,3 +321,41 @@ def test_demo_learns(tmp_path, smollm2):
     for f in ("loss.png", "report.json", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
               "checkpoints/step-000024/trainer_state.pt"):
         assert (tmp_path / "demo" / f).is_file(), f
+
+
+def test_group_by_length_orders_a_permutation_with_less_padding():
+    """--group-by-length: each epoch is still every example once, from the seed alone (so a resume replays it),
+    and batches of 2 from lengths spread like medical-o1's (300-1,500 tokens) carry far less padding."""
+    import random
+
+    rng = random.Random(7)
+    lengths = [rng.randint(300, 1500) for _ in range(1000)]
+    plain = D.epoch_order(len(lengths), 3407, 0)
+    grouped = D.epoch_order(len(lengths), 3407, 0, lengths, batch=2)
+    assert sorted(grouped) == list(range(len(lengths))) and grouped != plain
+    assert grouped == D.epoch_order(len(lengths), 3407, 0, lengths, batch=2)
+    assert grouped != D.epoch_order(len(lengths), 3407, 1, lengths, batch=2)
+
+    def padding(order):  # pad tokens / real tokens, micro-batches of 2 padded to their longest
+        pairs = [order[i: i + 2] for i in range(0, len(order), 2)]
+        return sum(2 * max(lengths[i] for i in p) - sum(lengths[i] for i in p) for p in pairs) / sum(lengths)
+
+    assert padding(plain) > 0.2 and padding(grouped) < 0.02, (padding(plain), padding(grouped))
+    first = [max(lengths[i] for i in grouped[b: b + 2]) for b in range(0, 200, 2)]
+    assert first != sorted(first) and first != sorted(first, reverse=True)  # the steps still mix lengths
+
+
+def test_group_by_length_trains_on_the_same_tokens(tmp_path):
+    """One epoch at a negligible lr, grouped and not: the same label tokens, and the same summed loss over the
+    epoch (every example once, padding weighing nothing), only in another order."""
+    def epoch(out, *extra):
+        r = run_train(tiny_run_args(tmp_path, out, max_steps=0, epochs=1, lr=1e-12, dropout=0.0) + list(extra))
+        assert r.returncode == 0, r.stderr
+        rows = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
+        return sum(r["label_tokens"] for r in rows), sum(r["loss"] * r["label_tokens"] for r in rows), rows
+
+    n_plain, loss_plain, rows_plain = epoch(tmp_path / "plain")
+    n_grouped, loss_grouped, rows_grouped = epoch(tmp_path / "grouped", "--group-by-length")
+    assert n_plain == n_grouped and len(rows_plain) == len(rows_grouped) == 9
+    assert abs(loss_plain - loss_grouped) < 1e-5 * loss_plain
+    assert [r["loss"] for r in rows_plain] != [r["loss"] for r in rows_grouped]  # other batches, in another order

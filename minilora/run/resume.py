@@ -143,13 +143,14 @@ def read_trainer_state(ck: Path) -> dict:
 
 
 RESUME_MUST_MATCH = ("model", "data", "template", "r", "alpha", "targets", "rslora", "no_4bit", "quant_type",
-                     "seed", "max_seq_len")
+                     "seed", "max_seq_len", "group_by_length")
+ADDED_LATER = {"group_by_length": False}  # what a checkpoint of an older minilora, without the key, ran with
 
 
 def check_resume(saved: dict, cfg, where: Path):
     """Refuse settings that would make the saved state meaningless, naming each difference."""
-    diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(cfg, k)!r}" for k in RESUME_MUST_MATCH
-             if saved.get(k) != getattr(cfg, k)]
+    diffs = [f"{k}: checkpoint {saved.get(k, ADDED_LATER.get(k))!r}, now {getattr(cfg, k)!r}"
+             for k in RESUME_MUST_MATCH if saved.get(k, ADDED_LATER.get(k)) != getattr(cfg, k)]
     # The data position counts examples, so another split of the same effective batch (say 1 x 8 after
     # running out of memory at 2 x 4) resumes at the same place; the losses then match only in expectation.
     if saved.get("batch_size", 0) * saved.get("grad_accum", 0) != cfg.batch_size * cfg.grad_accum:
