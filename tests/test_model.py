@@ -202,3 +202,19 @@ def test_keep_activations_skips_the_recompute_of_the_last_layers_only(tmp_path, 
             torch.testing.assert_close(grads[k], plain[1][k], atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="3 decoder layers"):
         run(True, 4)
+
+
+def test_compiled_layers_compile_twice_whatever_the_lengths(tmp_path):
+    """speed/compile.py: with the sequence dimension dynamic from the first call, the decoder layers compile
+    to two graphs (the first layer, whose input needs no gradient, and all the others) and no more as new
+    lengths come; torch.compile left to itself compiles two more at the second length."""
+    import torch._dynamo.utils as dynamo_utils
+
+    tiny_hf_model(tmp_path / "m", "llama", num_hidden_layers=3)
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    model = trainable_nf4_model(tmp_path / "m", gradient_checkpointing=True, compile="on")
+    for length in (16, 33, 48):
+        ids = torch.randint(3, 128, (2, length))
+        model.model(ids).float().square().sum().backward()
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == 2

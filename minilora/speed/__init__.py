@@ -10,7 +10,7 @@ refusing a combination that cannot work with the reason; `.attach(model)` then a
     Triton dequantize  nf4_triton.py       nf4.faster_dequantize                    a CUDA GPU with Triton
     folded gate/up     mlp.py              each layer's MLP, swapped (same names)   training, unless --fsdp
     long-sequence MLP  mlp.py              the same swap                            past 32k tokens, unless --fsdp
-    compile            (here)              each decoder layer, the loss's chunks    --compile auto: on CUDA
+    compile            compile.py          each decoder layer, the loss's chunks    --compile auto: on CUDA
     CUDA graphs        graphs.py           the micro-step, recorded and replayed    --cuda-graphs auto: see `graphs`
     padding-free       padding_free.py     the batches: one row, no pad tokens      --padding-free
     flat optimizer     flat_optimizer.py   what AdamW steps: one tensor             always
@@ -29,8 +29,9 @@ import torch
 from ..checkpoint import default_dtype
 from ..config import UsageError
 from ..data import collate
-from ..loss import LOGIT_ELEMENTS, causal_lm_loss, chunk_loss_and_grad
+from ..loss import LOGIT_ELEMENTS, causal_lm_loss
 from . import nf4_triton, padding_free as pf
+from .compile import compile_layers, compiled_chunk
 from .flat_optimizer import flatten_for_optimizer
 from .graphs import GraphedMicroBatches, GraphRecordingError, bucket_length  # noqa: F401  (the trainer's)
 from .mlp import TrainingMLP
@@ -78,13 +79,6 @@ def check(cfg) -> None:
                          "is off under --fsdp).")
 
 
-@functools.cache
-def compiled_chunk():
-    """loss.chunk_loss_and_grad through torch.compile, made once for the process (it compiles at the first call
-    of each shape: the full chunks share one, and the last chunk's varying row count becomes a dynamic size)."""
-    return torch.compile(chunk_loss_and_grad)
-
-
 def make_batch(examples, pad_id: int, device, padding_free: bool = False, pad_to=None, host_embedding=None) -> dict:
     """One micro-batch on `device`: padded to its longest example (or to `pad_to(longest)`), or end to end in
     one row (padding_free.py). With the embedding table on the host (offload.py), its rows are looked up here,
@@ -126,11 +120,8 @@ class Speed:
         if self.swap_mlp:
             for layer in model.model.layers:
                 layer.mlp = TrainingMLP(layer.mlp, fold=True, in_pieces=True)
-        if self.compile:
-            # each decoder layer, not the whole model: compile time is one layer's graph, reused 28-32 times, and
-            # it fuses the elementwise work between the matmuls; the loss's chunks alongside (loss.py)
-            for layer in model.model.layers:
-                layer.compile()
+        if self.compile:  # each decoder layer, one graph for every length; the loss's chunks (compile.py)
+            compile_layers(model)
             self.loss = functools.partial(causal_lm_loss, chunk=compiled_chunk(),
                                           logit_elements=COMPILED_LOGIT_ELEMENTS)
         model.train()

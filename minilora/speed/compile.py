@@ -1,0 +1,48 @@
+"""torch.compile: each decoder layer, compiled once for every sequence length; the loss's chunks.
+
+Compiling each decoder layer (not the whole model) keeps compile time to one layer's graph, which every
+layer then reuses (their parameters are the graph's inputs, not constants), and fuses the elementwise work
+between the matmuls (norms, RoPE, SwiGLU). Left to itself, torch.compile specialises the first graph to the
+first batch's length and compiles again, with the length symbolic, at the second length; and the first
+layer, whose input needs no gradient, gets a graph of its own each time. So a fine-tune on uneven data paid
+four compiles before its steps ran at speed. `DynamicLength`, put around the decoder's `call_layer`, marks
+the sequence dimension of the layer's inputs dynamic from the first call: two compiles in all (the first
+layer, and the others), whatever lengths follow (tests/test_graphs.py counts them).
+
+The loss's chunk function (loss.py) is compiled on its own: two kernels instead of ~8 per chunk.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn as nn
+
+from ..loss import chunk_loss_and_grad
+
+
+class DynamicLength:
+    """DecoderModel.call_layer around compiled layers: `inner(layer, x, cos, sin, ...)` with the sequence
+    dimension of x (B, T, H) and of cos/sin (B, 1, T, d) marked dynamic for torch.compile."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *args):
+        for t, dim in ((x, 1), (cos, 2), (sin, 2)):
+            torch._dynamo.maybe_mark_dynamic(t, dim)
+        return self.inner(layer, x, cos, sin, *args)
+
+
+def compile_layers(model) -> None:
+    """Compile every decoder layer, lengths dynamic (above)."""
+    for layer in model.model.layers:
+        layer.compile()
+    model.model.call_layer = DynamicLength(model.model.call_layer)
+
+
+@functools.cache
+def compiled_chunk():
+    """loss.chunk_loss_and_grad through torch.compile, made once for the process (it compiles at the first call
+    of each shape: the full chunks share one, and the last chunk's varying row count becomes a dynamic size)."""
+    return torch.compile(chunk_loss_and_grad)
