@@ -1,8 +1,7 @@
 """`python -m minilora.train`: QLoRA supervised fine-tuning, one loop written out by hand.
 
-With no arguments it runs the offline demo: SmolLM2-135M-Instruct learns to
-count days and months forward with <think> reasoning (see demo.py), and prints
-eval loss, exact-match accuracy and a sample answer before and after.
+With no arguments it runs the offline demo: SmolLM2-135M-Instruct learns to count days and months
+forward with <think> reasoning (demo.py); it prints eval loss, accuracy and an answer before and after.
 
 The loop, per optimizer step:
 1. take `grad_accum` micro-batches and count their label tokens N (all of them);
