@@ -29,6 +29,9 @@ The second half of the file is the per-tensor choice of the `_M` mixes (llama.cp
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 QK = 32     # weights per block of Q4_0, Q5_0, Q5_1, Q8_0
@@ -145,7 +148,7 @@ def _scale_min_search(x, w, nmax: int, rmin: float, rdelta: float, nstep: int):
     flat = hi == lo  # all equal (e.g. all zero): L = 0, scale 0
     wx = w * x
     sum_w, sum_x = w.sum(axis=0), wx.sum(axis=0)
-    t, wl = np.empty_like(x), np.empty_like(x)
+    t, diff = np.empty_like(x), np.empty_like(x)
 
     def grid(iscale, lo):  # t = clamp(round(iscale (x - lo)), 0, nmax), in place
         np.subtract(x, lo, out=t)
@@ -153,16 +156,15 @@ def _scale_min_search(x, w, nmax: int, rmin: float, rdelta: float, nstep: int):
         np.rint(t, out=t)
         return np.clip(t, 0, nmax, out=t)
 
-    def sums(iscale, lo):  # sum w l, sum w l^2, sum w x l over each sub-block
+    def sums(iscale, lo):  # sum w l, sum w l^2, sum w x l over each sub-block (einsum: no temporaries)
         l = grid(iscale, lo)
-        np.multiply(w, l, out=wl)
-        return wl.sum(axis=0), np.einsum("ij,ij->j", wl, l), np.einsum("ij,ij->j", wx, l)
+        return np.einsum("ij,ij->j", w, l), np.einsum("ij,ij,ij->j", w, l, l), np.einsum("ij,ij->j", wx, l)
 
     def error(s, m):  # sum w (s l + m - x)^2 on the grid in t (the last one `sums` rounded)
-        np.multiply(t, s, out=wl)
-        np.add(wl, m, out=wl)
-        np.subtract(wl, x, out=wl)
-        return np.einsum("ij,ij->j", w * wl, wl)
+        np.multiply(t, s, out=diff)
+        np.add(diff, m, out=diff)
+        np.subtract(diff, x, out=diff)
+        return np.einsum("ij,ij,ij->j", w, diff, diff)
 
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         iscale = f32(nmax) / np.where(flat, f32(1), hi - lo)
@@ -200,7 +202,7 @@ def _symmetric_search(x, nmax: int):
     mx = np.where(zero, f32(1), mx)
     w = x * x
     wx = w * x
-    t, wl = np.empty_like(x), np.empty_like(x)
+    t = np.empty_like(x)
 
     def grid(iscale):
         np.multiply(x, iscale, out=t)
@@ -209,8 +211,7 @@ def _symmetric_search(x, nmax: int):
 
     def sums(iscale):  # sum w x l, sum w l^2
         l = grid(iscale)
-        np.multiply(w, l, out=wl)
-        return np.einsum("ij,ij->j", wx, l), np.einsum("ij,ij->j", wl, l)
+        return np.einsum("ij,ij->j", wx, l), np.einsum("ij,ij,ij->j", w, l, l)
 
     with np.errstate(divide="ignore", invalid="ignore"):
         best_iscale = f32(-nmax) / mx
@@ -331,14 +332,15 @@ def q6_k(x: np.ndarray) -> np.ndarray:
 
 
 ENCODERS = {"Q8_0": q8_0, "Q4_0": q4_0, "Q5_0": q5_0, "Q5_1": q5_1, "Q4_K": q4_k, "Q5_K": q5_k, "Q6_K": q6_k}
-CHUNK = 1 << 18  # weights encoded per step: the work arrays (a few times this, in float32) stay in cache
+CHUNK = 1 << 16  # weights encoded per step: the search's work arrays (256 KB each) stay in the core's cache
 
 
-def quantize(data: np.ndarray, qtype: str) -> np.ndarray:
+def quantize(data: np.ndarray, qtype: str, threads: int | None = None) -> np.ndarray:
     """A float array (..., n) -> its GGML blocks as uint8 (..., n / block * bytes), n a multiple of the block.
 
-    Rows are independent, so a large tensor is encoded CHUNK weights at a time: memory stays at the
-    tensor, its output, and a few chunk-sized work arrays.
+    Blocks are independent, so the tensor is encoded CHUNK weights at a time, on `threads` threads
+    (default: every core; numpy releases the GIL inside its loops). Memory stays at the tensor, its
+    output and a few chunk-sized work arrays per thread.
     """
     if qtype not in ENCODERS:
         raise ValueError(f"gguf_quants: no encoder for {qtype!r}; there are {', '.join(ENCODERS)}.")
@@ -349,8 +351,18 @@ def quantize(data: np.ndarray, qtype: str) -> np.ndarray:
     x = np.ascontiguousarray(data, dtype=np.float32).reshape(-1, block)
     out = np.empty((x.shape[0], nbytes), dtype=np.uint8)
     per_chunk = max(1, CHUNK // block)
-    for start in range(0, x.shape[0], per_chunk):
+
+    def encode(start: int) -> None:
         out[start:start + per_chunk] = ENCODERS[qtype](x[start:start + per_chunk])
+
+    starts = range(0, x.shape[0], per_chunk)
+    threads = min(threads or os.cpu_count() or 1, len(starts))
+    if threads <= 1:
+        for start in starts:
+            encode(start)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(encode, starts))  # list(): re-raises an encoder's exception here
     return out.reshape(*data.shape[:-1], data.shape[-1] // block * nbytes)
 
 
