@@ -244,6 +244,13 @@ def test_chat_template_tokens_and_the_bos_trap(smollm2_runs):
     assert answer["chat"]["default"][:2] == [1, 1] and answer["chat"]["default"] != chat
 
 
+def test_merge_cli_wrote_the_modelfile(smollm2_runs):
+    """`python -m minilora.merge --gguf q4_k_m` put an Ollama Modelfile beside the file (checked against the
+    chat template in test_modelfile.py)."""
+    text = (smollm2_runs["folder"] / "Modelfile").read_text()
+    assert "FROM ./merged-q4_k_m.gguf\n" in text and "Chat format: ChatML" in text
+
+
 @pytest.mark.parametrize("qtype", sorted(BLOCKS))
 def test_block_bytes_equal_llama_cpp(qtype):
     """Our encoders against llama.cpp's own (ggml_quantize_chunk, no importance matrix: the reference
