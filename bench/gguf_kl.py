@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 for p in (ROOT, ROOT / "tests"):  # the tests' model and prompts, so that the figures are the tests' figures
@@ -39,22 +38,17 @@ LLAMA_QUANTIZE = {"q8_0": "Q8_0", "q6_k": "Q6_K", "q5_k_m": "Q5_K_M", "q5_0": "Q
 
 
 def smollm2_merged(tmp: Path, dtype: str) -> Path:
-    """SmolLM2 + the tests' adapter (test_adapter.smollm2_adapter's recipe), merged in `dtype`."""
-    from test_adapter import randomize_b
+    """SmolLM2 + the tests' adapter (test_llama_cpp.smollm2_adapter, seeded), merged in `dtype`."""
+    from test_llama_cpp import smollm2_adapter
 
-    from minilora.checkpoint import adapter_config, load_model, save_adapter
     from minilora.demo import smollm2_folder
-    from minilora.lora import apply_lora
     from minilora.merge import merge
 
     base = smollm2_folder()
     adapter = tmp / "adapter"
     if not adapter.exists():
-        model = load_model(base, quantize=None, dtype=torch.float32, progress=False)
-        apply_lora(model, r=8, alpha=16, rslora=True, targets=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"])
-        randomize_b(model)
-        save_adapter(model, adapter, adapter_config(model, str(base), r=8, alpha=16, dropout=0.05, rslora=True))
-    return merge(base, adapter, tmp / f"merged-{dtype}", dtype=dtype, progress=False)
+        smollm2_adapter(base, adapter)
+    return merge(base, adapter, tmp / f"merged-{dtype}", dtype=dtype, overwrite=True, progress=False)
 
 
 def tensor_bytes(path: Path) -> dict:
