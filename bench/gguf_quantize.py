@@ -7,6 +7,7 @@ Only the encoding is timed (wall and process CPU seconds); the random numbers ar
 to disk: the file's size is the sum of the encoded tensors, plus the f32 1-D tensors.
 
     python bench/gguf_quantize.py --shape llama-8b --type q4_k_m --threads 2 --out bench/results/gguf_quantize-llama-8b-q4_k_m.json
+    python bench/gguf_quantize.py --shape llama-8b --sizes    # every type's tensor bytes, from the mix alone
 """
 from __future__ import annotations
 
@@ -28,7 +29,22 @@ if str(ROOT) not in sys.path:
 
 from bench.shapes import hf_config, model_config  # noqa: E402
 from minilora.gguf_io import hf_to_gguf_name, is_70b  # noqa: E402
-from minilora.gguf_quants import BLOCKS, mix_type, quantize  # noqa: E402
+from minilora.gguf_quants import BLOCKS, MAIN_TYPE, mix_type, quantize  # noqa: E402
+
+
+def sizes(cfg) -> dict:
+    """{type: (tensor bytes, bits per weight)}: each tensor's type from mix_type, its size from its blocks."""
+    out = {}
+    for file_type in MAIN_TYPE:
+        total = weights = 0
+        for name, shape in tensors(cfg):
+            qtype = mix_type(hf_to_gguf_name(name), shape, file_type, n_layer=cfg.num_hidden_layers,
+                             tied=cfg.tie_word_embeddings, is_70b=is_70b(cfg))
+            n = int(np.prod(shape))
+            weights += n
+            total += {"F32": 4 * n, "F16": 2 * n, "BF16": 2 * n}.get(qtype) or n // BLOCKS[qtype][0] * BLOCKS[qtype][1]
+        out[file_type] = (total, round(8 * total / weights, 3))
+    return out
 
 
 def tensors(cfg):
@@ -58,9 +74,14 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--limit", type=int, default=0, help="stop after this many 2-D tensors (a quick check)")
     p.add_argument("--out", default=None)
+    p.add_argument("--sizes", action="store_true", help="print every type's tensor bytes (no quantization) and stop")
     args = p.parse_args(argv)
 
     cfg = model_config(args.shape)
+    if args.sizes:
+        for file_type, (total, bits) in sizes(cfg).items():
+            print(f"{args.shape} {file_type:7s} {total:>15,} bytes of tensors  {bits:6.3f} bits/weight")
+        return 0
     gen = torch.Generator().manual_seed(0)
     per_type = defaultdict(lambda: {"tensors": 0, "weights": 0, "bytes": 0, "wall_s": 0.0, "cpu_s": 0.0})
     total_bytes, done = 0, 0
