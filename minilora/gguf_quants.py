@@ -41,8 +41,8 @@ QK = 32     # weights per block of Q4_0, Q5_0, Q5_1, Q8_0
 QK_K = 256  # weights per super-block of the K-quants
 
 # GGML type name -> (weights per block, bytes per block)
-BLOCKS = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q5_0": (32, 22), "Q5_1": (32, 24),
-          "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
+BLOCKS = {"Q8_0": (QK, 34), "Q4_0": (QK, 18), "Q5_0": (QK, 22), "Q5_1": (QK, 24),
+          "Q4_K": (QK_K, 144), "Q5_K": (QK_K, 176), "Q6_K": (QK_K, 210)}
 
 f32 = np.float32
 GROUP_MAX_EPS = f32(1e-15)  # ggml-quants.c: a (sub-)block whose largest |x| is below this is all zero

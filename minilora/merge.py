@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gguf", choices=GGUF_OUT_TYPES, default=None, metavar="TYPE",
                    help="also write <output-dir>/<name>-<type>.gguf for llama.cpp, and an Ollama Modelfile beside it. "
                         "TYPE: f16, bf16, q8_0 (8.5 bits/weight) as llama.cpp's converter writes them; "
-                        "q6_k (6.6), q5_k_m (~5.7), q5_0 (5.5), q4_k_m (~4.9, the usual choice), q4_0 (4.5) as its "
+                        "q6_k (6.6), q5_k_m (5.7), q5_0 (5.6), q4_k_m (4.9, the usual choice), q4_0 (4.6; for an 8B model) as its "
                         "llama-quantize writes them, with the same per-tensor mixes")
     p.add_argument("--overwrite", action="store_true", help="replace --output-dir if it exists")
     p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (e.g. 500MB, 5GB, 4GiB)")

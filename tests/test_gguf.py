@@ -291,6 +291,21 @@ def test_unsupported_type_lists_supported(tmp_path):
         write_gguf(tmp_path / "m", tmp_path / "m.gguf", "q4_k")
 
 
+def test_a_tensor_the_type_cannot_hold_stops_before_writing(tmp_path):
+    """Rows of 48 fit no block of 32: llama-quantize's output.weight would be Q8_0, which has no fallback, and
+    llama.cpp stops there. So does write_gguf, naming the tensor, before the file is opened: nothing is left."""
+    tiny_model(tmp_path / "m", "llama", hidden_size=48, num_attention_heads=4, num_key_value_heads=2)
+    out = tmp_path / "out"
+    out.mkdir()
+    for out_type in ("q4_0", "q4_k_m"):
+        with pytest.raises(ValueError, match=r"output.weight: rows of 48 weights cannot be cut into Q8_0 blocks of 32"
+                                             r".*export this model as f16, bf16 or q8_0"):
+            write_gguf(tmp_path / "m", out / "m.gguf", out_type, progress=False)
+    assert list(out.iterdir()) == []
+    _, tensors = read_fields(write_gguf(tmp_path / "m", out / "m.gguf", "q8_0", progress=False))
+    assert tensors["output.weight"].tensor_type.name == "F16"  # the converter's q8_0 keeps such a tensor f16
+
+
 def test_unknown_pre_tokenizer_is_an_error():
     tok = {"pre_tokenizer": {"type": "Metaspace", "replacement": "▁"}}
     with pytest.raises(ValueError, match="not one minilora can name.*llama-bpe"):
