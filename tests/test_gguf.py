@@ -18,8 +18,7 @@ import pytest
 import torch
 
 from conftest import tiny_hf_model
-from minilora.gguf_io import (GGUF_OUT_TYPES, PRE_TOKENIZERS, gguf_to_hf, pre_tokenizer_name, shard_files,
-                              write_gguf)
+from minilora.gguf_io import PRE_TOKENIZERS, gguf_to_hf, pre_tokenizer_name, shard_files, write_gguf
 
 TOL = {"f16": 1e-2, "bf16": 0.1, "q8_0": 0.2}
 # The last text has whitespace runs before numbers, where SmolLM's digit split and GPT-2's regex part ways.
