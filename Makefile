@@ -1,6 +1,7 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   - create .venv, install minilora, fine-tune SmolLM2-135M on the built-in task
 #   make test   - create .venv, install minilora with the test references, run the test suite
+#                 (and llama.cpp for tests/test_llama_cpp.py: node-llama-cpp from npm, in tests/llama_cpp)
 #
 # TORCH picks the PyTorch build. The default is the small CPU build; on a GPU
 # machine use e.g. `make demo TORCH=torch` (pip's default CUDA build).
@@ -30,10 +31,19 @@ $(VENV)/.test: pyproject.toml $(VENV)/.demo
 	$(PIP) -e ".[test]"
 	touch $@
 
+# A real llama.cpp for the GGUF tests: node-llama-cpp and its prebuilt CPU binaries, pinned by the lock file.
+# --omit=optional skips its GPU builds (CUDA, Vulkan: 600 MB), --ignore-scripts its postinstall (which could
+# try to build llama.cpp from source); so npm downloads npm packages only (~80 MB) and compiles nothing.
+# Without node/npm the rest of the suite still runs, and tests/test_llama_cpp.py fails saying how to install.
+LLAMA_CPP := tests/llama_cpp
+$(LLAMA_CPP)/node_modules/.installed: $(LLAMA_CPP)/package.json $(LLAMA_CPP)/package-lock.json
+	@cd $(LLAMA_CPP) && npm ci --omit=optional --ignore-scripts --no-audit --no-fund && touch node_modules/.installed \
+		|| echo "make: could not install node-llama-cpp in $(LLAMA_CPP) (needs node >= 20 and npm); tests/test_llama_cpp.py will fail"
+
 demo: $(VENV)/.demo
 	$(PY) -m minilora.train --output-dir runs/demo --overwrite
 
-test: $(VENV)/.test
+test: $(VENV)/.test $(LLAMA_CPP)/node_modules/.installed
 	$(PY) -m pytest -q
 
 # The benchmark's CPU mode (a tiny shape; checks the script runs, says nothing about speed).
@@ -41,4 +51,4 @@ bench-cpu: $(VENV)/.test
 	OMP_NUM_THREADS=1 $(PY) bench/train_speed.py --shape tiny --device cpu --stacks minilora,peft --seq 128 --out runs/bench-cpu.jsonl
 
 clean:
-	rm -rf $(VENV) runs *.egg-info
+	rm -rf $(VENV) runs *.egg-info $(LLAMA_CPP)/node_modules

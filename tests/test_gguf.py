@@ -19,7 +19,7 @@ import torch
 
 from conftest import tiny_hf_model
 from minilora.checkpoint import shard_files
-from minilora.export.gguf import GGUF_OUT_TYPES, PRE_TOKENIZERS, gguf_to_hf, pre_tokenizer_name, write_gguf
+from minilora.export.gguf import PRE_TOKENIZERS, gguf_to_hf, pre_tokenizer_name, write_gguf
 
 TOL = {"f16": 1e-2, "bf16": 0.1, "q8_0": 0.2}
 # The last text has whitespace runs before numbers, where SmolLM's digit split and GPT-2's regex part ways.
@@ -92,7 +92,7 @@ def read_fields(path):
     return {k: f.contents() for k, f in r.fields.items()}, {t.name: t for t in r.tensors}
 
 
-@pytest.mark.parametrize("out_type", GGUF_OUT_TYPES)
+@pytest.mark.parametrize("out_type", ["f16", "bf16", "q8_0"])
 @pytest.mark.parametrize("kind,tied", [("llama", False), ("qwen2", True)])
 def test_logits_match_transformers_gguf_reader(tmp_path, kind, tied, out_type):
     hf = tiny_model(tmp_path / "m", kind, tie_word_embeddings=tied)
@@ -109,6 +109,33 @@ def test_logits_match_transformers_gguf_reader(tmp_path, kind, tied, out_type):
     assert tensors["blk.0.ffn_down.weight"].tensor_type.name == out_type.upper()
     if kind == "qwen2":
         assert "blk.1.attn_q.bias" in tensors
+
+
+# The llama-quantize types, on tiny models with rows of 256 (so the K-quants run as themselves), read back by
+# transformers. The relative error of the logits, ||got - want|| / ||want||, measured llama / qwen2:
+# q6_k 0.076 / 0.074, q5_k_m 0.17 / 0.14, q5_0 0.20 / 0.15, q4_k_m 0.32 / 0.25, q4_0 0.34 / 0.29 (random
+# weights amplify each weight's rounding; test_llama_cpp.py measures the real llama.cpp on SmolLM2). Bound:
+# 1.3x the larger; a block packed in the wrong order scrambles the weights and gives ~1.4.
+MIX_TOL = {"q6_k": 0.1, "q5_k_m": 0.22, "q5_0": 0.26, "q4_k_m": 0.42, "q4_0": 0.44}
+
+
+@pytest.mark.parametrize("out_type", MIX_TOL)
+@pytest.mark.parametrize("kind,tied", [("llama", False), ("qwen2", True)])
+def test_quantized_mixes_read_back_by_transformers(tmp_path, kind, tied, out_type):
+    hf = tiny_model(tmp_path / "m", kind, tie_word_embeddings=tied, hidden_size=256, intermediate_size=512,
+                    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, initializer_range=0.05)
+    path = write_gguf(tmp_path / "m", tmp_path / "m.gguf", out_type, progress=False)
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    want = logits_from(hf, ids)
+    got = logits_from(hf_from_gguf(path), ids)
+    assert (got - want).norm() / want.norm() < MIX_TOL[out_type]
+    fields, tensors = read_fields(path)
+    main = {"q6_k": "Q6_K", "q5_k_m": "Q5_K", "q5_0": "Q5_0", "q4_k_m": "Q4_K", "q4_0": "Q4_0"}[out_type]
+    assert tensors["blk.0.ffn_gate.weight"].tensor_type.name == main
+    # layers 2 and 3 of 4 get more bits in the _m mixes (llama.cpp's use_more_bits), the output always Q6_K
+    assert tensors["blk.3.ffn_down.weight"].tensor_type.name == ("Q6_K" if out_type.endswith("_m") else main)
+    assert tensors["output.weight" if not tied else "token_embd.weight"].tensor_type.name == "Q6_K"
+    assert fields["general.file_type"] == {"q6_k": 18, "q5_k_m": 17, "q5_0": 8, "q4_k_m": 15, "q4_0": 2}[out_type]
 
 
 @pytest.mark.parametrize("kind,pre", [("llama", "llama-bpe"), ("qwen2", "qwen2")])
@@ -259,8 +286,24 @@ def test_smollm2_tokenizer_splits_like_llama_cpp(smollm2):
 
 def test_unsupported_type_lists_supported(tmp_path):
     tiny_model(tmp_path / "m", "llama")
-    with pytest.raises(ValueError, match=r"'q4_k' is not supported; choose one of f16, bf16, q8_0"):
+    with pytest.raises(ValueError, match=r"'q4_k' is not supported; choose one of f16, bf16, q8_0, q4_0, q5_0, "
+                                         r"q4_k_m, q5_k_m, q6_k"):
         write_gguf(tmp_path / "m", tmp_path / "m.gguf", "q4_k")
+
+
+def test_a_tensor_the_type_cannot_hold_stops_before_writing(tmp_path):
+    """Rows of 48 fit no block of 32: llama-quantize's output.weight would be Q8_0, which has no fallback, and
+    llama.cpp stops there. So does write_gguf, naming the tensor, before the file is opened: nothing is left."""
+    tiny_model(tmp_path / "m", "llama", hidden_size=48, num_attention_heads=4, num_key_value_heads=2)
+    out = tmp_path / "out"
+    out.mkdir()
+    for out_type in ("q4_0", "q4_k_m"):
+        with pytest.raises(ValueError, match=r"output.weight: rows of 48 weights cannot be cut into Q8_0 blocks of 32"
+                                             r".*export this model as f16, bf16 or q8_0"):
+            write_gguf(tmp_path / "m", out / "m.gguf", out_type, progress=False)
+    assert list(out.iterdir()) == []
+    _, tensors = read_fields(write_gguf(tmp_path / "m", out / "m.gguf", "q8_0", progress=False))
+    assert tensors["output.weight"].tensor_type.name == "F16"  # the converter's q8_0 keeps such a tensor f16
 
 
 def test_unknown_pre_tokenizer_is_an_error():

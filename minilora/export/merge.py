@@ -16,7 +16,8 @@ whole model, so a 14B model merges on a machine with far less RAM than its 28 GB
 The output is a Hugging Face folder that transformers, vLLM and llama.cpp's converter read:
 config.json (torch_dtype set), model-0000i-of-0000n.safetensors + model.safetensors.index.json,
 and the tokenizer files. It is written under a temporary name and renamed into place (atomic.py).
-Optionally a GGUF file (gguf.write_gguf) goes into the same folder, and the folder to the hub.
+Optionally a GGUF file (gguf.py's write_gguf: f16 to q4_k_m) and an Ollama Modelfile for it (modelfile.py)
+go into the same folder, and the folder to the hub.
 
 Two traps it guards against:
 - merging the same adapter twice adds scale * B @ A twice. config.json records each merged adapter
@@ -30,7 +31,7 @@ Two traps it guards against:
 
 Usage:
     python -m minilora.merge --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --adapter runs/demo/adapter \
-        --output-dir runs/demo/merged [--gguf q8_0] [--push-to-hub me/my-model]
+        --output-dir runs/demo/merged [--gguf q4_k_m] [--push-to-hub me/my-model]
 """
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ from ..checkpoint import count_tensors, is_rope_table, iter_tensors, resolve_mod
 from ..nf4 import NF4Linear
 from .gguf import GGUF_OUT_TYPES, write_gguf
 from .hub import hub_token, push_to_hub
+from .modelfile import UnknownTemplate, write_modelfile
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SAVE_METHODS = ("merged_16bit", "merged_4bit")
@@ -221,7 +223,11 @@ def merge(model: str | Path, adapter: str | Path, output_dir: str | Path, *, dty
             if (base / f).is_file():
                 shutil.copyfile(base / f, tmp / f)
         if gguf:
-            write_gguf(tmp, tmp / f"{out.name}-{gguf}.gguf", gguf, progress=progress, name=out.name)
+            path = write_gguf(tmp, tmp / f"{out.name}-{gguf}.gguf", gguf, progress=progress, name=out.name)
+            try:  # the chat template in Ollama's terms, beside the file (modelfile.py)
+                write_modelfile(path)
+            except UnknownTemplate as e:
+                warnings.warn(str(e), UserWarning, stacklevel=2)
     if push_to_hub_id:
         print(f"pushed to {push_to_hub(out, push_to_hub_id, private=private)}")
     return out
@@ -243,8 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-method", choices=SAVE_METHODS, default="merged_16bit",
                    help="merged_16bit: add the delta to the original weights; merged_4bit: to the NF4-rounded "
                         "weights QLoRA trained against (prints a warning saying what it costs)")
-    p.add_argument("--gguf", choices=GGUF_OUT_TYPES, default=None,
-                   help="also write <output-dir>/<name>-<type>.gguf for llama.cpp")
+    p.add_argument("--gguf", choices=GGUF_OUT_TYPES, default=None, metavar="TYPE",
+                   help="also write <output-dir>/<name>-<type>.gguf for llama.cpp, and an Ollama Modelfile beside it. "
+                        "TYPE: f16, bf16, q8_0 (8.5 bits/weight) as llama.cpp's converter writes them; "
+                        "q6_k (6.6), q5_k_m (5.7), q5_0 (5.6), q4_k_m (4.9, the usual choice), q4_0 (4.6; for an 8B "
+                        "model) as its llama-quantize writes them, with the same per-tensor mixes")
     p.add_argument("--overwrite", action="store_true", help="replace --output-dir if it exists")
     p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (e.g. 500MB, 5GB, 4GiB)")
     p.add_argument("--push-to-hub", metavar="REPO_ID", default=None,
