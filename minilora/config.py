@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from . import distributed as dp
+from .chat import read_template
 from .data import TEMPLATES
 from .lora import ALL_TARGETS
 
@@ -32,6 +33,17 @@ class TrainConfig:
                                          "only for files you trust")
     data: str = _f("", ".json/.jsonl file, or hub data set id org/name[:config][@split]; empty: the demo task")
     template: str = _f("auto", "how records become text; auto picks from the columns", ("auto",) + TEMPLATES)
+    chat_template: str = _f("", "for --template chat: a Jinja chat template file to use instead of the tokenizer's "
+                                "(give the same file to generate --chat-template); empty: the tokenizer's, with "
+                                "DeepSeek-R1-Distill's swapped for minilora/templates/deepseek_r1_distill.jinja, "
+                                "which keeps the reasoning (chat.py)")
+    empty_think: str = _f("train", "chat turns without <think> reasoning, under a template whose generation prompt "
+                                   "opens <think> (DeepSeek-R1-Distill) get DeepSeek's empty thought "
+                                   "'<think>\\n\\n</think>\\n\\n'. train: the target is its '\\n</think>\\n\\n' "
+                                   "and the answer; mask: it stays in the input, masked, and the target is the "
+                                   "answer alone", ("train", "mask"))
+    last_turn_only: bool = _f(False, "chat: train on the last assistant turn of each conversation only, not on every "
+                                     "assistant turn")
     max_seq_len: int = _f(2048, "longest example in tokens")
     truncation: str = _f("truncate", "what to do with longer examples", ("truncate", "drop"))
     bad_rows: str = _f("error", "malformed data rows: stop with every problem listed, or skip them", ("error", "skip"))
@@ -207,10 +219,13 @@ def validate(cfg: TrainConfig, checks=()):
     need(cfg.keep_activations >= 0, f"--keep-activations must be >= 0, got {cfg.keep_activations}.")
     need(cfg.max_bad_steps >= 1, f"--max-bad-steps must be >= 1, got {cfg.max_bad_steps}.")
     need(cfg.template in ("auto",) + TEMPLATES, f"--template must be one of auto, {', '.join(TEMPLATES)}.")
-    for name in ("truncation", "bad_rows", "scheduler", "optim", "quant_type", "compile", "cuda_graphs"):
+    for name in ("truncation", "bad_rows", "scheduler", "optim", "quant_type", "compile", "cuda_graphs",
+                 "empty_think"):
         choices = TrainConfig.__dataclass_fields__[name].metadata["choices"]
         need(getattr(cfg, name) in choices, f"--{name.replace('_', '-')} must be one of {', '.join(choices)}.")
     need(not (cfg.resume and cfg.overwrite), "--resume and --overwrite contradict each other; pick one.")
+    if cfg.chat_template:  # a missing or broken file stops here, before the output folder is made
+        read_template(cfg.chat_template)
     need(not cfg.fsdp or dp.world() > 1, "--fsdp shards the model across processes, but this is a single process. "
          "Launch with torchrun --nproc_per_node N -m minilora.train ... (N >= 2), or drop --fsdp.")
     need(not cfg.fsdp or tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 7),

@@ -3,10 +3,11 @@
 Templates (picked from the columns unless --template says):
 - alpaca: instruction (+ input) -> output, the "Below is an instruction..." prompt of the seeds;
 - r1:     Question -> <think>Complex_CoT</think> Response, the medical chain-of-thought seed;
-- chat:   the tokenizer's own chat template over a `messages` list (or prompt/chosen pairs);
+- chat:   the tokenizer's own chat template (or --chat-template FILE) over a `messages` list (or
+          prompt/chosen pairs): every assistant turn is trained; chat.py holds that whole idea;
 - text:   a raw `text` column, trained on whole.
 
-Prompt masking. The loss covers the response only (its <think> part included)
+Prompt masking (alpaca, r1). The loss covers the response only (its <think> part included)
 plus EOS; prompt positions get label -100, which cross-entropy ignores. We
 render the prompt alone, tokenize it, and check it is a token prefix of the
 tokenized full text. Searching the ids for a marker string instead breaks when
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from .chat import ChatError, ChatFormat, chat_example, chat_format
 from .loss import IGNORE
 from .tokenizer import Tokenizer
 
@@ -189,7 +191,7 @@ def _need(rec: dict, *cols: str):
 
 
 def render(rec: dict, template: str, tok: Tokenizer) -> tuple[str, str]:
-    """(prompt, full text). The response is full[len(prompt):]."""
+    """(prompt, full text) for alpaca, r1 and text. The response is full[len(prompt):]."""
     if template == "alpaca":
         instruction, output = _need(rec, "instruction", "output")
         inp = rec.get("input") or ""
@@ -207,22 +209,7 @@ def render(rec: dict, template: str, tok: Tokenizer) -> tuple[str, str]:
         (text,) = _need(rec, "text")
         return "", text
     if template == "chat":
-        messages = rec.get("messages")
-        if messages is None:
-            p, c = _need(rec, "prompt", "chosen")
-            messages = [{"role": "user", "content": p}, {"role": "assistant", "content": c}]
-        if (not isinstance(messages, list) or not messages
-                or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                           for m in messages)
-                or messages[-1].get("role") != "assistant"):
-            raise DataError(f"{rec.get('_where', '?')}: `messages` must be a list of {{role, content}} objects "
-                            "with text values, ending with an assistant turn.")
-        prompt = tok.apply_chat_template(messages[:-1], add_generation_prompt=True)
-        full = tok.apply_chat_template(messages)
-        if not full.startswith(prompt):
-            raise DataError(f"{rec.get('_where', '?')}: the chat template renders the prompt differently alone "
-                            "and with the answer; cannot mask it.")
-        return prompt, full
+        raise DataError("chat records have a label span per assistant turn; chat.chat_example renders them.")
     raise DataError(f"unknown template {template!r}; choose from {', '.join(TEMPLATES)}.")
 
 
@@ -257,22 +244,34 @@ def tokenize(prompt: str, full: str, tok: Tokenizer, chat: bool) -> Example:
 
 
 def build_examples(records: list[dict], template: str, tok: Tokenizer, max_seq_len: int,
-                   truncation: str = "truncate", bad_rows: str = "error") -> tuple[list[Example], dict]:
+                   truncation: str = "truncate", bad_rows: str = "error",
+                   chat: ChatFormat | None = None) -> tuple[list[Example], dict]:
     """Tokenized examples and counts (kept, truncated, dropped, no_label, bad).
 
     A row that cannot be rendered (a column missing or of the wrong type, a chat the template
     rejects, text the tokenizer cannot take) is a problem named by its file and line. All rows
     are tried, so every problem is found in one pass: bad_rows="error" raises them together,
     "skip" drops those rows and lists them in stats["problems"].
+    `chat`: how chat records are trained (chat.chat_format); by default the tokenizer's template, every turn.
+    For chat, stats also counts `history_reasoning_dropped`: earlier turns whose reasoning the template's
+    history rule left out (their answers are still trained).
     """
     out, problems = [], []
     stats = {"kept": 0, "truncated": 0, "dropped": 0, "no_label": 0, "bad": 0}
+    if template == "chat":
+        chat = chat or chat_format(tok)
+        stats["history_reasoning_dropped"] = 0
     for rec in records:
         try:
-            prompt, full = render(rec, template, tok)
-            full.encode("utf-8")  # a lone surrogate is not a character: the tokenizer would refuse it obscurely
-            ex = tokenize(prompt, full, tok, chat=template == "chat")
-        except DataError as e:
+            if template == "chat":
+                ids, trained, history = chat_example(rec, chat)
+                ex = Example(ids, [i if t else IGNORE for i, t in zip(ids, trained)])
+                stats["history_reasoning_dropped"] += history
+            else:
+                prompt, full = render(rec, template, tok)
+                full.encode("utf-8")  # a lone surrogate is not a character: the tokenizer would refuse it obscurely
+                ex = tokenize(prompt, full, tok, chat=False)
+        except (DataError, ChatError) as e:
             problems.append(str(e))
             continue
         except UnicodeEncodeError as e:
@@ -303,9 +302,17 @@ def build_examples(records: list[dict], template: str, tok: Tokenizer, max_seq_l
 
 
 def show_example(ex: Example, tok: Tokenizer) -> str:
-    """The rendered text with the masked (prompt) part in [brackets], as printed at start-up."""
-    n = next((i for i, lab in enumerate(ex.labels) if lab != IGNORE), len(ex.labels))
-    return "[" + tok.decode(ex.input_ids[:n]) + "]" + tok.decode(ex.input_ids[n:])
+    """The example's text with each masked run (the prompt; in a chat, everything but the assistant
+    turns' spans) in [brackets], as printed at start-up."""
+    out, i = [], 0
+    while i < len(ex.labels):
+        j, masked = i, ex.labels[i] == IGNORE
+        while j < len(ex.labels) and (ex.labels[j] == IGNORE) == masked:
+            j += 1
+        text = tok.decode(ex.input_ids[i:j])
+        out.append(f"[{text}]" if masked else text)
+        i = j
+    return "".join(out)
 
 
 def load_data(cfg, tok: Tokenizer, demo: tuple[list[dict], list[dict]] | None = None):
@@ -326,14 +333,16 @@ def load_data(cfg, tok: Tokenizer, demo: tuple[list[dict], list[dict]] | None = 
         if cfg.eval_data:
             eval_recs, more = read_records(cfg.eval_data, "skip")
             problems += more
-    train, evals, stats, template, columns = [], None, {}, cfg.template, set()
+    train, evals, stats, template, columns, chat = [], None, {}, cfg.template, set(), None
     if train_recs:
         columns = common_columns(train_recs)  # the columns most rows have: one odd row cannot mislead
         template = detect_template(columns) if cfg.template == "auto" else cfg.template
-        train, stats = build_examples(train_recs, template, tok, cfg.max_seq_len, cfg.truncation, "skip")
+        if template == "chat":  # the template, and what of each turn is trained (chat.py)
+            chat = chat_format(tok, cfg.chat_template, cfg.empty_think, cfg.last_turn_only)
+        train, stats = build_examples(train_recs, template, tok, cfg.max_seq_len, cfg.truncation, "skip", chat)
         problems += stats.pop("problems", [])
         if eval_recs is not None:
-            evals, estats = build_examples(eval_recs, template, tok, cfg.max_seq_len, cfg.truncation, "skip")
+            evals, estats = build_examples(eval_recs, template, tok, cfg.max_seq_len, cfg.truncation, "skip", chat)
             problems += estats.pop("problems", [])
     if problems:
         report = problem_report(problems, " and ".join(filter(None, (cfg.data, cfg.eval_data))))
@@ -344,11 +353,13 @@ def load_data(cfg, tok: Tokenizer, demo: tuple[list[dict], list[dict]] | None = 
         raise DataError(f"{cfg.data or 'demo'}: no training records"
                         + (f" left after skipping {len(problems)} bad row(s)." if problems else "."))
     print(f"template: {template} (columns {sorted(columns)}); examples: {stats}")
+    if chat is not None:
+        print(chat.describe())
     if evals is None:
         train, evals = split_eval(train, cfg.eval_fraction, cfg.seed)
     if not train:
         raise DataError(f"{cfg.data or 'demo'}: no training examples left after filtering ({stats}).")
-    print("example (the [bracketed] prompt is masked out of the loss):\n" + show_example(train[0], tok))
+    print("example (the [bracketed] text is masked out of the loss):\n" + show_example(train[0], tok))
     return train, evals, template
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ from pathlib import Path
 import torch
 
 from .adapter import load_adapter, read_adapter_config
+from .chat import ChatError, chat_format
 from .checkpoint import load_model, pick_device, resolve_model
 from .tokenizer import Tokenizer
 
@@ -198,18 +200,19 @@ def _partial_tag_len(text: str, tag: str) -> int:
     return 0
 
 
-def visible_text(text: str, *, hide_think: bool, in_think: bool = False, final: bool = False) -> str:
+def visible_text(text: str, *, hide_think: bool, in_think: bool = False, opened: str = "", final: bool = False) -> str:
     """What to show of the answer decoded so far.
 
-    With hide_think, each <think>...</think> section becomes THINK_MARKER (followed by a newline once
-    it closes, and without the blank lines that follow it); `in_think` says the prompt itself opened
-    one (DeepSeek-R1's template ends with "<think>\\n"). Until `final`, a trailing half tag ("<thi")
-    and a trailing half character (U+FFFD, from a multi-byte character split across tokens) are
-    held back, so that what is shown only ever grows.
+    `opened` is the end of the prompt from its last <think> ("<think>\n": DeepSeek-R1's template opens the
+    reasoning itself), or `in_think` says the prompt ended with a bare <think>. That opening is shown in
+    front of the answer, so the reasoning is marked at both ends as the model sees it. With hide_think, each
+    <think>...</think> section becomes THINK_MARKER (followed by a newline once it closes, and without the
+    blank lines that follow it). Until `final`, a trailing half tag ("<thi") and a trailing half
+    character (U+FFFD, from a multi-byte character split across tokens) are held back, so that what is
+    shown only ever grows.
     """
+    text = (opened or (THINK_OPEN if in_think else "")) + text
     if hide_think:
-        if in_think:
-            text = THINK_OPEN + text
         parts, i = [], 0
         while True:
             j = text.find(THINK_OPEN, i)
@@ -233,24 +236,56 @@ def visible_text(text: str, *, hide_think: bool, in_think: bool = False, final: 
     return text
 
 
+DIM, RESET = "\x1b[2m", "\x1b[0m"  # ANSI faint and back to normal: the reasoning, on a terminal
+
+
+def reasoning_spans(text: str) -> list[tuple[int, int]]:
+    """[start, end) of each <think>...</think> section of `text` (the last may still be open: end = len)."""
+    spans, i = [], 0
+    while (j := text.find(THINK_OPEN, i)) >= 0:
+        k = text.find(THINK_CLOSE, j)
+        i = len(text) if k < 0 else k + len(THINK_CLOSE)
+        spans.append((j, i))
+    return spans
+
+
+def styled(text: str, start: int) -> str:
+    """text[start:], its reasoning between DIM and RESET (each piece closed, so a stop leaves the terminal plain)."""
+    out, at = [], start
+    for a, b in reasoning_spans(text):
+        if b <= at:
+            continue
+        a = max(a, at)
+        out += [text[at:a], DIM, text[a:b], RESET]
+        at = b
+    return "".join(out) + text[at:]
+
+
 class Streamer:
     """Decodes all new ids after each token and prints the new end of the visible text.
 
     Decoding the whole answer each time (not token by token) is what makes multi-byte
-    characters and tokenizers that drop a leading space come out right.
+    characters and tokenizers that drop a leading space come out right. The reasoning is told
+    apart from the answer by its <think> tags (the one the prompt opened is shown too) and,
+    with `color` (a terminal), by being printed faint.
     """
 
-    def __init__(self, tokenizer: Tokenizer, *, hide_think: bool, in_think: bool, out=sys.stdout):
-        self.tok, self.hide_think, self.in_think, self.out = tokenizer, hide_think, in_think, out
+    def __init__(self, tokenizer: Tokenizer, *, hide_think: bool, in_think: bool = False, opened: str = "",
+                 color: bool = False, out=sys.stdout):
+        self.tok, self.hide_think, self.in_think, self.opened, self.out = tokenizer, hide_think, in_think, opened, out
+        self.color = color and not hide_think
         self.ids: list[int] = []
         self.shown = 0
 
     def text(self) -> str:
+        """The answer as the model wrote it (without the prompt's opening <think>): what the chat history keeps."""
         return self.tok.decode(self.ids, skip_special_tokens=True)
 
     def _show(self, final: bool):
-        v = visible_text(self.text(), hide_think=self.hide_think, in_think=self.in_think, final=final)
-        self.out.write(v[self.shown:])
+        v = visible_text(self.text(), hide_think=self.hide_think, in_think=self.in_think, opened=self.opened,
+                         final=final)
+        if len(v) > self.shown:
+            self.out.write(styled(v, self.shown) if self.color else v[self.shown:])
         self.out.flush()
         self.shown = max(self.shown, len(v))
 
@@ -287,8 +322,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true",
                    help="feed --prompt as plain text instead of through the model's chat template")
     p.add_argument("--system", default=None, help="system message put first in the chat template")
+    p.add_argument("--chat-template", default="", metavar="FILE",
+                   help="a Jinja chat template file instead of the tokenizer's: the one the adapter was trained with "
+                        "(train --chat-template). Without it, a DeepSeek-R1-Distill template is swapped for "
+                        "minilora/templates/deepseek_r1_distill.jinja, as training swaps it, so the generation prompt "
+                        "is the one the training used")
     p.add_argument("--hide-think", action="store_true",
-                   help=f"print {THINK_MARKER} instead of the text between <think> and </think>")
+                   help=f"print {THINK_MARKER} instead of the text between <think> and </think> (otherwise the "
+                        "reasoning is shown between its tags, faint on a terminal)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate per answer")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (argmax)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep tokens holding this much "
@@ -304,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args) -> None:
     if args.raw and args.chat:
         raise UserError("--raw applies to --prompt only; --chat always uses the chat template.")
+    if args.raw and args.chat_template:
+        raise UserError("--chat-template applies to the chat template, which --raw skips; drop one of the two.")
     if args.raw and args.system is not None:
         raise UserError("--system needs the chat template; drop --raw or put the system text in --prompt.")
     if args.max_new_tokens < 1:
@@ -326,9 +369,13 @@ def load(args, device):
     try:
         folder = resolve_model(args.model)
         tok = Tokenizer(folder)
+        if not args.raw and (args.chat_template or tok.chat_template):
+            chat_format(tok, args.chat_template)  # the template training used (chat.py): set on tok
         eos = model_eos_ids(folder, tok)
         model = load_model(folder, device=device, quantize=None if args.no_4bit else "nf4",
                            progress=sys.stderr.isatty())
+    except ChatError as e:
+        raise UserError(str(e)) from None
     except (FileNotFoundError, RuntimeError, ValueError, KeyError) as e:
         raise UserError(f"--model {args.model}: {e.args[0] if e.args else e}") from None
     if not eos:
@@ -351,7 +398,9 @@ def render(tok: Tokenizer, messages: list[dict]) -> str:
 
 def answer(model, tok: Tokenizer, eos: list[int], text: str, ids: list[int], args) -> str:
     """Generate, streaming to stdout; the speed goes to stderr. Returns the answer's text."""
-    stream = Streamer(tok, hide_think=args.hide_think, in_think=text.rstrip().endswith(THINK_OPEN))
+    opened = text[text.rfind(THINK_OPEN):] if THINK_OPEN in text else ""  # the prompt opened the reasoning?
+    stream = Streamer(tok, hide_think=args.hide_think, opened=opened if not opened[len(THINK_OPEN):].strip() else "",
+                      color=sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
     stamps = []
 
     def on_token(row, token):

@@ -9,15 +9,23 @@ The chat template is rendered the way transformers' `apply_chat_template`
 does it (a sandboxed jinja2 environment with `trim_blocks`, `lstrip_blocks`,
 `raise_exception`, a non-escaping `tojson`, and the special-token strings as
 variables), so rendered text and ids match; tests/test_tokenizer.py checks it.
+
+`{% generation %}...{% endgeneration %}` is the tag transformers' templates use to mark what the
+assistant writes (trl's training templates, and minilora/templates/, carry it). `render_chat`
+returns those spans as character offsets; chat.py turns them into labels. The tag is implemented by
+wrapping the block's output in two private-use characters (GEN_OPEN, GEN_CLOSE) that are then cut
+out of the text again, which needs no knowledge of how jinja2 streams its output.
 """
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 
 import jinja2
 import jinja2.ext
+import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _FastTokenizer
 
@@ -37,8 +45,27 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+# Private-use code points (U+E000, U+E001): no text in a data set has a reason to hold them.
+GEN_OPEN, GEN_CLOSE = "\ue000", "\ue001"
+
+
+class GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}body{% endgeneration %}` renders as GEN_OPEN + body + GEN_CLOSE."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_mark"), [], [], body).set_lineno(lineno)
+
+    def _mark(self, caller):
+        return GEN_OPEN + caller() + GEN_CLOSE
+
+
 def compile_chat_template(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    """Raises jinja2.TemplateSyntaxError (with .lineno) for a template that does not parse."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[jinja2.ext.loopcontrols, GenerationTag])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -66,8 +93,16 @@ class Tokenizer:
             template = jinja_file.read_text()
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        self.chat_template: str | None = template
-        self._compiled = compile_chat_template(template) if template else None
+        self.chat_template: str | None = None
+        self._compiled = None
+        if template:
+            self.set_chat_template(template)
+
+    def set_chat_template(self, source: str):
+        """Use `source` (Jinja text) as the chat template from now on (--chat-template, chat.py's training
+        variants). Raises jinja2.TemplateSyntaxError if it does not parse; the caller names the file."""
+        self._compiled = compile_chat_template(source)
+        self.chat_template = source
 
     # -- ids ---------------------------------------------------------------
     def token_id(self, token: str | None) -> int | None:
@@ -100,11 +135,35 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, **kwargs) -> str:
         """The rendered conversation text. Tokenize it with `encode(text, add_special_tokens=False)`,
         as transformers does, because templates write their own BOS."""
+        return self.render_chat(messages, add_generation_prompt, **kwargs)[0]
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False,
+                    **kwargs) -> tuple[str, list[tuple[int, int]]]:
+        """(text, spans): the rendered conversation, and the [start, end) character offsets in it of each
+        `{% generation %}` block, in order ([] for a template without the tag)."""
         if self._compiled is None:
             raise ValueError(
                 f"{self.folder}: this tokenizer has no chat_template (tokenizer_config.json or chat_template.jinja); "
                 "use a plain-text template such as --template alpaca instead."
             )
+        for m in messages:
+            for v in m.values() if isinstance(m, dict) else ():
+                if isinstance(v, str) and (GEN_OPEN in v or GEN_CLOSE in v):
+                    raise ValueError("a message holds U+E000 or U+E001, the private-use characters minilora "
+                                     "marks {% generation %} spans with; remove them from the data.")
         special = {"bos_token": self.bos_token, "eos_token": self.eos_token,
                    "pad_token": self.pad_token, "unk_token": self.unk_token}
-        return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **special, **kwargs)
+        raw = self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **special, **kwargs)
+        text, spans, start, n = [], [], None, 0
+        for piece in re.split(f"([{GEN_OPEN}{GEN_CLOSE}])", raw):  # text, marker, text, marker, ...
+            if piece == GEN_OPEN:
+                if start is not None:
+                    raise ValueError("the chat template nests {% generation %} blocks; spans cannot nest.")
+                start = n
+            elif piece == GEN_CLOSE:
+                spans.append((start, n))
+                start = None
+            else:
+                text.append(piece)
+                n += len(piece)
+        return "".join(text), spans

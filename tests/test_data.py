@@ -22,12 +22,19 @@ RESPONSES = {"alpaca": "5", "r1": "<think>\n7 has no divisors but 1 and 7.\n</th
              "chat": "Hello there!<|im_end|>\n", "text": "Just some text to learn."}
 
 
+def example(rec, template, tok):
+    if template == "chat":  # chat.py: a label span per assistant turn (tests/test_chat.py)
+        ex = D.build_examples([rec], "chat", tok, 512)[0][0]
+        return tok.apply_chat_template(rec["messages"][:-1], add_generation_prompt=True), ex
+    prompt, full = D.render(rec, template, tok)
+    return prompt, D.tokenize(prompt, full, tok, chat=False)
+
+
 @pytest.mark.parametrize("template", list(RECORDS))
 def test_labels_are_exactly_the_response_plus_eos(tok, template):
     rec = RECORDS[template]
     assert D.detect_template(set(rec)) == template
-    prompt, full = D.render(rec, template, tok)
-    ex = D.tokenize(prompt, full, tok, chat=template == "chat")
+    prompt, ex = example(rec, template, tok)
     labelled = [i for i, lab in zip(ex.input_ids, ex.labels) if lab != D.IGNORE]
     assert ex.labels[: len(ex.labels) - len(labelled)] == [D.IGNORE] * (len(ex.labels) - len(labelled))
     eos = "" if template == "chat" else tok.eos_token  # the chat response already ends with <|im_end|>
@@ -41,7 +48,8 @@ def test_labels_are_exactly_the_response_plus_eos(tok, template):
 def test_prompt_pairs_use_chat_template(tok):
     rec = {"prompt": "Hi", "chosen": "Hello there!", "rejected": "Go away."}
     assert D.detect_template(set(rec)) == "chat"
-    prompt, full = D.render(rec, "chat", tok)
+    ex = D.build_examples([rec], "chat", tok, 512)[0][0]
+    full = tok.decode(ex.input_ids)
     assert full.endswith("<|im_start|>assistant\nHello there!<|im_end|>\n") and "Go away" not in full
 
 

