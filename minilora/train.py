@@ -37,10 +37,9 @@ from huggingface_hub.utils import tqdm
 
 from . import data as D
 from . import distributed as dp
-from . import speed
 from .adapter import adapter_config, save_adapter
 from .checkpoint import default_dtype, load_model, pick_device, resolve_model
-from . import STARTED, config
+from . import STARTED, config, speed
 from .config import TrainConfig, UsageError  # noqa: F401  (UsageError: what parse_config raises)
 from .loss import IGNORE, causal_lm_loss
 from .lora import apply_lora, describe_trainable
@@ -148,17 +147,18 @@ def train(cfg: TrainConfig) -> dict:
             start_up.setdefault("first_step", time.perf_counter() - STARTED)  # with compile and graph recordings
             state.position += per_step
             state.rng_next = rng_state()
-            tokens = dp.all_reduce_sum(sum(b["input_ids"].numel() for b in batches))
+            tokens = dp.all_reduce_sum(sum(b["input_ids"].numel() for b in batches))  # padding included
             mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{gnorm:.3f}", tok_s=f"{tokens / dt:,.0f}",
                             mem=f"{mem:.1f}G", refresh=False)
             bar.update(1)
             if state.step % cfg.log_every == 0 or state.step == total_steps or not good:
-                log({"step": state.step, "split": "train", "lr": lr,  # NaN is not JSON: a non-finite value is null
-                     "loss": loss if math.isfinite(loss) else None,
-                     "grad_norm": gnorm if math.isfinite(gnorm) else None,
+                log({"step": state.step, "split": "train", "lr": lr, "loss": loss if math.isfinite(loss) else None,
+                     "grad_norm": gnorm if math.isfinite(gnorm) else None,  # NaN is not JSON: non-finite is null
                      "tokens_per_s": tokens / dt, "label_tokens": n_tokens, "step_s": dt, "peak_mem_gib": mem,
-                     "epoch": state.position / len(train_set), "skipped": not good})
+                     "real_tokens": sum(len(e.input_ids) for mb in mbs for e in mb),  # all ranks', no padding
+                     "elapsed_s": time.perf_counter() - STARTED, "epoch": state.position / len(train_set),
+                     "skipped": not good})
             if good:
                 state.metrics["bad_in_a_row"] = 0
             else:  # the --max-bad-steps-th in a row saves and stops the run
