@@ -5,9 +5,11 @@ NF4 model, read the records, compile, train one epoch of uneven examples, save t
 script runs that job once per stack, each in its own process, on the same checkpoint and records:
 
 - `minilora`: `python -m minilora.train --data records.jsonl` (its defaults are the seeds' settings);
-  `minilora-grouped` adds `--group-by-length`. A stack named twice runs twice: the second run finds
-  the compile caches the first left (TORCHINDUCTOR_CACHE_DIR is fresh at the start of each run of
-  this script, shared by its stacks), so it is the warm start of a user's second job;
+  `minilora-grouped` adds `--group-by-length`, `minilora-nocompile` `--compile off`, `minilora-eager`
+  `--compile off --cuda-graphs off`; `baseline` is minilora from the folder --baseline names (another
+  checkout, for a before/after in one run). Each stack starts with empty compile caches of its own
+  (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR), as on a fresh machine; a stack named twice runs twice, and
+  the second run finds the caches the first left: the warm start of a user's second job;
 - `trl`: transformers + bitsandbytes NF4 + trl's SFTTrainer with a peft LoraConfig, as the seeds set it up;
 - `unsloth`: unsloth's FastLanguageModel (get_peft_model, its "unsloth" checkpointing) with the same SFTTrainer.
 
@@ -52,8 +54,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-STACKS = ("minilora", "minilora-grouped", "trl", "unsloth")
-MINILORA_FLAGS = {"minilora": [], "minilora-grouped": ["--group-by-length"]}
+MINILORA_FLAGS = {"minilora": [], "minilora-grouped": ["--group-by-length"], "minilora-nocompile": ["--compile", "off"],
+                  "minilora-eager": ["--compile", "off", "--cuda-graphs", "off"], "baseline": []}
+STACKS = (*MINILORA_FLAGS, "trl", "unsloth")
 SEEDS = dict(batch_size=2, grad_accum=4, lr=2e-4, warmup_steps=5, weight_decay=0.01, max_grad_norm=1.0,
              max_seq_len=2048, r=16, alpha=16, seed=3407)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -126,6 +129,10 @@ def run_stack(stack: str, a, folder: Path, records: Path, tokens: Path, work: Pa
                                     "device": a.device, "skip": a.skip}))
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(spec)]
         adapter = out / "adapter" / "adapter_model.safetensors"
+    caches = work / f"caches-{stack}"  # this stack's own: cold at its first run, warm at a second
+    env = {**env, "TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"), "TRITON_CACHE_DIR": str(caches / "triton")}
+    if stack == "baseline":
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(a.baseline).resolve()), env["PYTHONPATH"]])
     print(f"--- {stack}: {' '.join(cmd[1:])}", flush=True)
     t0 = time.time()
     try:  # cwd: the work folder, where unsloth writes its compiled cache
@@ -241,6 +248,8 @@ def main(argv=None):
     p.add_argument("--lengths", default="300:1500", metavar="LO:HI", help="words (= tokens) per record")
     p.add_argument("--skip", type=int, default=5, help="steps left out of the steady figures")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--baseline", default="", metavar="DIR", help="for the stack `baseline`: a folder holding "
+                   "another minilora package (e.g. `git archive OLD minilora | tar -x -C DIR`)")
     p.add_argument("--timeout", type=float, default=600, help="seconds per stack before it is stopped")
     p.add_argument("--out", default="bench/results/job_speed.jsonl", help="JSON lines, appended")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
@@ -250,6 +259,8 @@ def main(argv=None):
     stacks = [s.strip() for s in a.stacks.split(",") if s.strip()]
     if bad := [s for s in stacks if s not in STACKS]:
         p.error(f"--stacks: unknown {bad}; choose from {', '.join(STACKS)}")
+    if "baseline" in stacks and not (Path(a.baseline) / "minilora" / "train.py").is_file():
+        p.error(f"--stacks baseline needs --baseline DIR with a minilora package in it; got {a.baseline!r}")
     try:
         lo, hi = (int(x) for x in a.lengths.split(":"))
         assert 1 <= lo <= hi
@@ -266,7 +277,7 @@ def main(argv=None):
     out_file.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="minilora-job-"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor-cache"), "HF_HUB_OFFLINE": "1",
+           "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(work / "hf")}
     if a.device == "cpu":  # trl's SFTTrainer computes its loss in Triton kernels; on a CPU, Triton's interpreter
         env["TRITON_INTERPRET"] = "1"

@@ -4,10 +4,14 @@ Compiling each decoder layer (not the whole model) keeps compile time to one lay
 layer then reuses (their parameters are the graph's inputs, not constants), and fuses the elementwise work
 between the matmuls (norms, RoPE, SwiGLU). Left to itself, torch.compile specialises the first graph to the
 first batch's length and compiles again, with the length symbolic, at the second length; and the first
-layer, whose input needs no gradient, gets a graph of its own each time. So a fine-tune on uneven data paid
-four compiles before its steps ran at speed. `DynamicLength`, put around the decoder's `call_layer`, marks
-the sequence dimension of the layer's inputs dynamic from the first call: two compiles in all (the first
-layer, and the others), whatever lengths follow (tests/test_graphs.py counts them).
+layer, whose input (the frozen embedding's output) needs no gradient, gets a graph of its own each time. So
+a fine-tune on uneven data paid four compiles before its steps ran at speed, each 2-13 s on a fresh machine
+(bench/NOTES.md, section 14). `DynamicLength`, put around the decoder's `call_layer`, marks the sequence
+dimension of the layer's inputs dynamic from the first call, and in training makes the first layer's input
+require a gradient, as every other layer's does: one compile in all, whatever lengths follow
+(tests/test_model.py counts them). The price is the first layer's input gradient, which nothing uses: its
+q/k/v and gate/up matmuls in backward. Measured on the 1.5B job (bench/NOTES.md, section 14): 9 s less before
+the first step on a fresh machine, 2 s less with warm caches, 1-3% fewer examples/s after.
 
 The loss's chunk function (loss.py) is compiled on its own: two kernels instead of ~8 per chunk.
 """
@@ -29,6 +33,8 @@ class DynamicLength:
         self.inner = inner
 
     def __call__(self, layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *args):
+        if layer.training and torch.is_grad_enabled() and not x.requires_grad:
+            x = x.detach().requires_grad_()  # the first layer: the same graph as the others (above)
         for t, dim in ((x, 1), (cos, 2), (sin, 2)):
             torch._dynamo.maybe_mark_dynamic(t, dim)
         return self.inner(layer, x, cos, sin, *args)
