@@ -293,13 +293,12 @@ def matmul_tflops(device: torch.device) -> float:
 
 def versions() -> dict:
     out = {}
-    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "unsloth", "unsloth_zoo"):
+    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "unsloth", "unsloth_zoo", "trl"):
         try:
             out[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
             out[pkg] = None
-    text = (ROOT / "pyproject.toml").read_text()
-    ver = next((ln.split('"')[1] for ln in text.splitlines() if ln.startswith("version")), "unknown")
+    from minilora import __version__ as ver
     try:
         head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, timeout=10).stdout.strip()
@@ -308,8 +307,8 @@ def versions() -> dict:
     out["minilora"] = f"{ver}+g{head}" if head else ver
     # The code that ran, whatever git says: a copy of the tree can carry a stale .git (the GPU machine's does).
     digest = hashlib.sha256()
-    for f in sorted((ROOT / "minilora").glob("*.py")):
-        digest.update(f.name.encode() + b"\0" + f.read_bytes())
+    for f in sorted((ROOT / "minilora").rglob("*.py")):  # the package's parts (speed/, run/, export/) too
+        digest.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes())
     out["minilora_source_sha256"] = digest.hexdigest()[:12]
     return out
 
