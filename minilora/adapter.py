@@ -35,12 +35,18 @@ def adapter_config(model: nn.Module, base_model: str, *, r, alpha, dropout, rslo
     }
 
 
-def save_adapter(model: nn.Module, folder, config: dict, overwrite: bool = True):
-    """adapter_config.json + adapter_model.safetensors, written atomically."""
+CHAT_TEMPLATE = "chat_template.jinja"  # transformers' file name for a tokenizer folder's template
+
+
+def save_adapter(model: nn.Module, folder, config: dict, overwrite: bool = True, chat_template: str | None = None):
+    """adapter_config.json + adapter_model.safetensors, written atomically; with `chat_template`, the chat
+    template the adapter was trained with beside them (generate --adapter renders with it)."""
     tensors = {PEFT_PREFIX + k: v.detach().to("cpu", copy=True) for k, v in lora_state_dict(model).items()}
     with atomic_dir(folder, overwrite=overwrite) as tmp:
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        if chat_template:
+            (tmp / CHAT_TEMPLATE).write_text(chat_template, encoding="utf-8")
 
 
 def read_adapter_config(folder) -> dict:

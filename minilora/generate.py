@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter import load_adapter, read_adapter_config
+from .adapter import CHAT_TEMPLATE, load_adapter, read_adapter_config
 from .chat import ChatError, chat_format
 from .checkpoint import load_model, pick_device, resolve_model
 from .tokenizer import Tokenizer
@@ -324,7 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system message put first in the chat template")
     p.add_argument("--chat-template", default="", metavar="FILE",
                    help="a Jinja chat template file instead of the tokenizer's: the one the adapter was trained with "
-                        "(train --chat-template). Without it, a DeepSeek-R1-Distill template is swapped for "
+                        f"(train --chat-template). Default: the --adapter folder's {CHAT_TEMPLATE}, which "
+                        "minilora.train writes there after training on chat data; else the tokenizer's, where a "
+                        "DeepSeek-R1-Distill template is swapped for "
                         "minilora/templates/deepseek_r1_distill.jinja, as training swaps it, so the generation prompt "
                         "is the one the training used")
     p.add_argument("--hide-think", action="store_true",
@@ -369,8 +371,10 @@ def load(args, device):
     try:
         folder = resolve_model(args.model)
         tok = Tokenizer(folder)
-        if not args.raw and (args.chat_template or tok.chat_template):
-            chat_format(tok, args.chat_template)  # the template training used (chat.py): set on tok
+        saved = Path(args.adapter or "") / CHAT_TEMPLATE  # what the adapter was trained with, if chat
+        template = args.chat_template or (str(saved) if args.adapter and saved.is_file() else "")
+        if not args.raw and (template or tok.chat_template):
+            chat_format(tok, template)  # the template training used (chat.py): set on tok
         eos = model_eos_ids(folder, tok)
         model = load_model(folder, device=device, quantize=None if args.no_4bit else "nf4",
                            progress=sys.stderr.isatty())

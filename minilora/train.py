@@ -64,7 +64,7 @@ def train(cfg: TrainConfig) -> dict:
     random.seed(cfg.seed)
     model_path, demo = model_and_demo(cfg)
     tok = Tokenizer(model_path)
-    train_set, evals, _template = D.load_data(cfg, tok, demo)  # all of it, before the model takes any memory
+    train_set, evals, template = D.load_data(cfg, tok, demo)  # all of it, before the model takes any memory
     dp.check_same_everywhere(asdict(cfg), train_set)  # every rank: same flags, same data, or a clear stop
     pad_id = D.pad_id_for(tok)
     demo_eval = demo[1] if demo else None  # the demo's held-out questions: its accuracy before and after
@@ -187,7 +187,7 @@ def train(cfg: TrainConfig) -> dict:
         dp.barrier()
         return report
     try:
-        save_adapter(model, out / "adapter", acfg)
+        save_adapter(model, out / "adapter", acfg, chat_template=tok.chat_template if template == "chat" else None)
     except SAVE_ERRORS as e:
         last = state.last_ckpt
         kept = (f" Nothing is lost: {last}/adapter holds these same weights; make room and run again with "

@@ -479,6 +479,14 @@ def test_train_cli_trains_on_the_reasoning(tiny_r1, tmp_path):
     want = len(llama_cpp(f"{REASONING}\n</think>\n\n4{EOS}"))
     assert all(row["label_tokens"] == want for row in steps), (steps, want)
     assert want > len(llama_cpp(f"\n\n4{EOS}")) + 5  # the reasoning is most of it
+    # the adapter keeps the template it was trained with: the variant, not the tokenizer's
+    variant = (C.TEMPLATES_DIR / C.VARIANT).read_text(encoding="utf-8")
+    assert (tmp_path / "o" / "adapter" / "chat_template.jinja").read_text(encoding="utf-8") == variant
+    # and generate --adapter renders with that file: a broken copy of it is named in generate's error
+    (tmp_path / "o" / "adapter" / "chat_template.jinja").write_text("{% if %}", encoding="utf-8")
+    r = run("minilora.generate", "--model", folder, "--adapter", tmp_path / "o" / "adapter", "--prompt", "2+2?",
+            "--max-new-tokens", 1, "--no-4bit", "--device", "cpu")
+    assert r.returncode == 2 and "chat_template.jinja:1: the chat template does not parse" in r.stderr, r.stderr
 
 
 def test_train_cli_bad_input_exits_2_and_writes_nothing(tiny_r1, tmp_path, gguf_template):
