@@ -82,7 +82,7 @@ def tokenize_records(records: Path, folder: Path, max_seq_len: int) -> list[dict
     from minilora.data import build_examples, read_records
     from minilora.tokenizer import Tokenizer
 
-    recs, problems = read_records(records)
+    recs, _ = read_records(records)
     examples, _ = build_examples(recs, "r1", Tokenizer(folder), max_seq_len)
     return [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
 
@@ -96,10 +96,11 @@ def expected_counts(rows: list[dict]) -> dict:
 # ----------------------------------------------------------------------------- one stack's figures
 
 def steady(step_ends: list[float], step_real: list[int], per_step: int, skip: int) -> dict:
-    """Examples/s and real tokens/s between the end of step `skip` and the last step's end."""
-    if len(step_ends) <= skip + 1:
+    """Examples/s and real tokens/s of the steps after the first `skip` (>= 1): from the end of step `skip`
+    to the end of the last."""
+    if len(step_ends) <= skip:
         return {}
-    dt = step_ends[-1] - step_ends[skip - 1] if skip else step_ends[-1]
+    dt = step_ends[-1] - step_ends[skip - 1]
     n = len(step_ends) - skip
     return {"examples_per_s": per_step * n / dt, "real_tokens_per_s": sum(step_real[skip:]) / dt,
             "steady_steps": n}
@@ -122,13 +123,12 @@ def run_stack(stack: str, a, folder: Path, records: Path, tokens: Path, work: Pa
         cmd = [sys.executable, "-m", "minilora.train", "--model", str(folder), "--data", str(records),
                "--template", "r1", "--eval-fraction", "0", "--log-every", "1", "--device", a.device,
                "--output-dir", str(out), *MINILORA_FLAGS[stack]]
-        adapter = out / "adapter" / "adapter_model.safetensors"
     else:
         spec = work / f"spec-{i}.json"
         spec.write_text(json.dumps({"stack": stack, "folder": str(folder), "tokens": str(tokens), "out": str(out),
                                     "device": a.device, "skip": a.skip}))
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(spec)]
-        adapter = out / "adapter" / "adapter_model.safetensors"
+    adapter = out / "adapter" / "adapter_model.safetensors"
     caches = work / f"caches-{stack}"  # this stack's own: cold at its first run, warm at a second
     env = {**env, "TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"), "TRITON_CACHE_DIR": str(caches / "triton")}
     if stack == "baseline":
@@ -246,7 +246,8 @@ def main(argv=None):
                    help=f"comma-separated, in order, from {', '.join(STACKS)}; a stack named twice runs twice")
     p.add_argument("--examples", type=int, default=240, help="records in the epoch (8 per step)")
     p.add_argument("--lengths", default="300:1500", metavar="LO:HI", help="words (= tokens) per record")
-    p.add_argument("--skip", type=int, default=5, help="steps left out of the steady figures")
+    p.add_argument("--skip", type=int, default=5, help="steps left out of the steady figures (at least 1: the "
+                   "figures are timed from the end of the last one left out)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--baseline", default="", metavar="DIR", help="for the stack `baseline`: a folder holding "
                    "another minilora package (e.g. `git archive OLD minilora | tar -x -C DIR`)")
@@ -261,6 +262,8 @@ def main(argv=None):
         p.error(f"--stacks: unknown {bad}; choose from {', '.join(STACKS)}")
     if "baseline" in stacks and not (Path(a.baseline) / "minilora" / "train.py").is_file():
         p.error(f"--stacks baseline needs --baseline DIR with a minilora package in it; got {a.baseline!r}")
+    if a.skip < 1:
+        p.error(f"--skip must be at least 1, got {a.skip}")
     try:
         lo, hi = (int(x) for x in a.lengths.split(":"))
         assert 1 <= lo <= hi

@@ -271,7 +271,7 @@ def test_job_speed_trains_minilora_and_trl_on_the_same_tokens(tmp_path):
     hold (the Qwen2Tokenizer pitfall of issue 19). Checked here: both rows, no error, the counts, sane losses."""
     out = tmp_path / "job.jsonl"
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "job_speed.py"), "--shape", "tiny", "--device", "cpu",
-                        "--stacks", "minilora,trl", "--examples", "16", "--lengths", "20:60", "--skip", "0",
+                        "--stacks", "minilora,trl", "--examples", "16", "--lengths", "20:60", "--skip", "1",
                         "--out", str(out)], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -281,6 +281,7 @@ def test_job_speed_trains_minilora_and_trl_on_the_same_tokens(tmp_path):
         assert row["steps"] == 2 and row["expected"]["label_tokens"] > 0
         assert (row["label_tokens"], row["real_tokens"]) == (row["expected"]["label_tokens"],
                                                              row["expected"]["real_tokens"])
-        assert row["adapter_s"] > row["first_step_s"] > 0
+        assert row["adapter_s"] > row["first_step_s"] > 0 and row["steady_steps"] == 1
+        assert row["examples_per_s"] > 0 and row["real_tokens_per_s"] > row["examples_per_s"]
         # the first step's loss is the base model's on that step's examples (B = 0), ~ln(vocab) for random weights
         assert abs(row["loss_first"] - math.log(512)) < 0.5
