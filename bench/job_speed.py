@@ -31,6 +31,11 @@ Figures per stack (the parent clocks launch; each process its own steps):
   step ends (data, logging and all);
 - `peak_gib`: torch.cuda.max_memory_allocated; `loss_first`, `loss_last`: steps 1 and N.
 
+Where the work differs: minilora's time includes reading and tokenizing the records (the peers are handed
+the ids) and, after the last step, writing a checkpoint for --resume (the adapter and the optimizer's
+state) besides the adapter; trl saves none at this length (save_strategy "no", and the seeds' default of
+every 500 steps is never reached).
+
     python bench/job_speed.py --shape qwen-1.5b --examples 240            # 30 steps
     python bench/job_speed.py --shape llama-8b --examples 120             # 15 steps
     python bench/job_speed.py --shape tiny --device cpu --stacks minilora,trl --examples 16 --lengths 20:60
@@ -148,8 +153,11 @@ def run_stack(stack: str, a, folder: Path, records: Path, tokens: Path, work: Pa
         return {"error": f"no adapter at {adapter}", "wall_s": wall}
     row = {"wall_s": wall, "adapter_s": adapter.stat().st_mtime - t0}
     per_step = SEEDS["batch_size"] * SEEDS["grad_accum"]
-    row.update(minilora_result(out, per_step, a.skip) if stack in MINILORA_FLAGS
-               else json.loads((out / "result.json").read_text()))
+    try:
+        row.update(minilora_result(out, per_step, a.skip) if stack in MINILORA_FLAGS
+                   else json.loads((out / "result.json").read_text()))
+    except (OSError, KeyError, ValueError, IndexError) as e:  # e.g. a --baseline older than real_tokens/elapsed_s
+        row["error"] = f"could not read the run's figures: {type(e).__name__}: {e}"
     return row
 
 
@@ -260,8 +268,13 @@ def main(argv=None):
     stacks = [s.strip() for s in a.stacks.split(",") if s.strip()]
     if bad := [s for s in stacks if s not in STACKS]:
         p.error(f"--stacks: unknown {bad}; choose from {', '.join(STACKS)}")
-    if "baseline" in stacks and not (Path(a.baseline) / "minilora" / "train.py").is_file():
-        p.error(f"--stacks baseline needs --baseline DIR with a minilora package in it; got {a.baseline!r}")
+    if "baseline" in stacks and (not a.baseline or Path(a.baseline).resolve() == ROOT
+                                 or not (Path(a.baseline) / "minilora" / "train.py").is_file()):
+        p.error(f"--stacks baseline needs --baseline DIR, another checkout with a minilora package in it (not this "
+                f"one); got {a.baseline!r}")
+    per_step = SEEDS["batch_size"] * SEEDS["grad_accum"]
+    if a.examples % per_step:  # minilora fills a last short step from the next epoch, trl trains it short
+        p.error(f"--examples must be a multiple of {per_step} (the examples of one step), got {a.examples}")
     if a.skip < 1:
         p.error(f"--skip must be at least 1, got {a.skip}")
     try:
@@ -273,7 +286,7 @@ def main(argv=None):
     import torch
 
     from bench import shapes
-    from bench.train_speed import start_run
+    from bench.train_speed import source_sha256, start_run
 
     rid, gpu, vers = start_run(torch.device(a.device))
     out_file = Path(a.out).resolve()
@@ -290,6 +303,8 @@ def main(argv=None):
         records, tokens = work / "records.jsonl", work / "tokens.jsonl"
         write_records(records, a.examples, lo, hi)
         ex = tokenize_records(records, folder, SEEDS["max_seq_len"])
+        if len(ex) != a.examples:
+            raise SystemExit(f"{len(ex)} of {a.examples} records became examples; lower --lengths' HI")
         tokens.write_text("".join(json.dumps(r) + "\n" for r in ex))
         want = expected_counts(ex)
         print(f"{len(ex)} examples, {want['real_tokens']:,} tokens, {want['label_tokens']:,} label tokens", flush=True)
@@ -300,7 +315,8 @@ def main(argv=None):
             seen = {k: row.get(k) for k in want}
             if "error" not in row and seen != want:
                 row["error"] = f"trained on other tokens than the records hold: saw {seen}, expected {want}"
-            row["versions"] = vers
+            row["versions"] = vers if stack != "baseline" else {**vers, "minilora": f"baseline {a.baseline}",
+                                                                "minilora_source_sha256": source_sha256(a.baseline)}
             rows.append(row)
             with open(out_file, "a") as f:  # row by row: a later stack's failure loses nothing
                 f.write(json.dumps(row) + "\n")
@@ -311,7 +327,7 @@ def main(argv=None):
         print(f"{a.shape} {name:>20}: " + (r["error"] if "error" in r else
               f"adapter at {r['adapter_s']:.1f} s, first step at {r['first_step_s']:.1f} s, "
               f"{r.get('examples_per_s', 0):.1f} ex/s, {r.get('real_tokens_per_s', 0):,.0f} real tok/s, "
-              f"peak {r['peak_gib']:.2f} GiB, loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}"))
+              f"peak {r['peak_gib']:.2f} GiB, loss {r['loss_first']} -> {r['loss_last']}"))
     print(f"appended to {out_file} (run_id {rid})")
     if any("error" in r for r in rows):
         raise SystemExit(1)

@@ -306,11 +306,16 @@ def versions() -> dict:
         head = ""
     out["minilora"] = f"{ver}+g{head}" if head else ver
     # The code that ran, whatever git says: a copy of the tree can carry a stale .git (the GPU machine's does).
-    digest = hashlib.sha256()
-    for f in sorted((ROOT / "minilora").rglob("*.py")):  # the package's parts (speed/, run/, export/) too
-        digest.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes())
-    out["minilora_source_sha256"] = digest.hexdigest()[:12]
+    out["minilora_source_sha256"] = source_sha256(ROOT)
     return out
+
+
+def source_sha256(root) -> str:
+    """A short hash of the minilora package under `root`, its parts (speed/, run/, export/) included."""
+    digest, root = hashlib.sha256(), Path(root)
+    for f in sorted((root / "minilora").rglob("*.py")):
+        digest.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def unavailable(stack: str, device) -> str | None:

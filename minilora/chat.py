@@ -134,7 +134,7 @@ def read_template(path: str) -> str:
     try:
         source = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise ChatError(f"--chat-template {path}: cannot read it ({type(e).__name__}: {e}).") from None
+        raise ChatError(f"{path}: cannot read the chat template ({type(e).__name__}: {e}).") from None
     try:
         compile_chat_template(source)
     except jinja2.TemplateSyntaxError as e:

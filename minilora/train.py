@@ -65,6 +65,7 @@ def train(cfg: TrainConfig) -> dict:
     model_path, demo = model_and_demo(cfg)
     tok = Tokenizer(model_path)
     train_set, evals, template = D.load_data(cfg, tok, demo)  # all of it, before the model takes any memory
+    chat_template = tok.chat_template if template == "chat" else None  # chat data: kept with each adapter
     dp.check_same_everywhere(asdict(cfg), train_set)  # every rank: same flags, same data, or a clear stop
     pad_id = D.pad_id_for(tok)
     demo_eval = demo[1] if demo else None  # the demo's held-out questions: its accuracy before and after
@@ -86,8 +87,7 @@ def train(cfg: TrainConfig) -> dict:
     report = {"eval_loss_before": None, "start_up_s": start_up}  # report.json: what train() returns
     start_up["model"] = time.perf_counter() - STARTED
 
-    def save(together: bool = True):
-        return checkpoint(out, state, model, optimizer, scaler, cfg, acfg, together)
+    save = functools.partial(checkpoint, out, state, model, optimizer, scaler, cfg, acfg, chat_template=chat_template)
 
     def log(row: dict):  # one row of metrics.jsonl; rank 0 writes it
         if dp.is_main():
@@ -187,7 +187,7 @@ def train(cfg: TrainConfig) -> dict:
         dp.barrier()
         return report
     try:
-        save_adapter(model, out / "adapter", acfg, chat_template=tok.chat_template if template == "chat" else None)
+        save_adapter(model, out / "adapter", acfg, chat_template=chat_template)
     except SAVE_ERRORS as e:
         last = state.last_ckpt
         kept = (f" Nothing is lost: {last}/adapter holds these same weights; make room and run again with "

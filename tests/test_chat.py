@@ -429,7 +429,7 @@ def test_template_file_that_does_not_parse(tmp_path):
     path.write_text("{% for m in messages %}\n{{ m['content'] }\n{% endfor %}", encoding="utf-8")
     with pytest.raises(C.ChatError, match=rf"{path}:2: the chat template does not parse: unexpected '}}'"):
         C.read_template(str(path))
-    with pytest.raises(C.ChatError, match=rf"--chat-template {tmp_path / 'nope.jinja'}: cannot read it"):
+    with pytest.raises(C.ChatError, match=rf"{tmp_path / 'nope.jinja'}: cannot read the chat template"):
         C.read_template(str(tmp_path / "nope.jinja"))
 
 
@@ -482,6 +482,8 @@ def test_train_cli_trains_on_the_reasoning(tiny_r1, tmp_path):
     # the adapter keeps the template it was trained with: the variant, not the tokenizer's
     variant = (C.TEMPLATES_DIR / C.VARIANT).read_text(encoding="utf-8")
     assert (tmp_path / "o" / "adapter" / "chat_template.jinja").read_text(encoding="utf-8") == variant
+    ck = tmp_path / "o" / "checkpoints" / "step-000002" / "adapter" / "chat_template.jinja"  # a checkpoint's too
+    assert ck.read_text(encoding="utf-8") == variant
     # and generate --adapter renders with that file: a broken copy of it is named in generate's error
     (tmp_path / "o" / "adapter" / "chat_template.jinja").write_text("{% if %}", encoding="utf-8")
     r = run("minilora.generate", "--model", folder, "--adapter", tmp_path / "o" / "adapter", "--prompt", "2+2?",

@@ -65,13 +65,14 @@ def set_rng_state(s: dict):
 
 
 def save_checkpoint(out: Path, step: int, model, optimizer, cfg, acfg, position: int, metrics_state: dict,
-                    scaler=None, rng: dict | None = None):
+                    scaler=None, rng: dict | None = None, chat_template: str | None = None):
     """checkpoints/step-N/: adapter + optimizer + loss scaler + rng + data position, in one folder, written atomically.
 
-    `rng` is the generators' state at the start of step N + 1 (default: now).
+    `rng` is the generators' state at the start of step N + 1 (default: now); `chat_template`: the one chat data
+    trained with, kept beside the adapter (adapter.save_adapter).
     """
     with atomic_dir(out / "checkpoints" / f"step-{step:06d}") as tmp:
-        save_adapter(model, tmp / "adapter", acfg)
+        save_adapter(model, tmp / "adapter", acfg, chat_template=chat_template)
         state = {"step": step, "position": position, "optimizer": optimizer.state_dict(), "rng": rng or rng_state(),
                  "config": asdict(cfg), "metrics": metrics_state, "scaler": scaler.state_dict() if scaler else {},
                  "world_size": dp.world()}  # the data position assumes this many ranks: resume needs as many
@@ -91,7 +92,8 @@ def why(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def checkpoint(out: Path, state: State, model, optimizer, scaler, cfg, acfg, together: bool = True) -> Path | None:
+def checkpoint(out: Path, state: State, model, optimizer, scaler, cfg, acfg, together: bool = True,
+               chat_template: str | None = None) -> Path | None:
     """Save the state after `state.step`. A failed save (disk full, no permission) warns and training goes
     on: atomic_dir leaves the previous checkpoints as they were, and one lost save beats a lost run.
 
@@ -106,7 +108,7 @@ def checkpoint(out: Path, state: State, model, optimizer, scaler, cfg, acfg, tog
     if dp.is_main():
         try:
             saved = save_checkpoint(out, state.step, model, optimizer, cfg, acfg, state.position, state.metrics,
-                                    scaler, state.rng_next)
+                                    scaler, state.rng_next, chat_template)
         except SAVE_ERRORS as e:
             print(f"\nWARNING: could not save checkpoint {target}: {why(e)}. The newest complete checkpoint is "
                   f"{state.last_ckpt or 'none yet'}; training goes on.", file=sys.stderr, flush=True)

@@ -9,9 +9,11 @@ a fine-tune on uneven data paid four compiles before its steps ran at speed, eac
 (bench/NOTES.md, section 14). `DynamicLength`, put around the decoder's `call_layer`, marks the sequence
 dimension of the layer's inputs dynamic from the first call, and in training makes the first layer's input
 require a gradient, as every other layer's does: one compile in all, whatever lengths follow
-(tests/test_model.py counts them). The price is the first layer's input gradient, which nothing uses: its
-q/k/v and gate/up matmuls in backward. Measured on the 1.5B job (bench/NOTES.md, section 14): 9 s less before
-the first step on a fresh machine, 2 s less with warm caches, 1-3% fewer examples/s after.
+(tests/test_model.py counts them; under --offload the forward runs without gradients and the recompute with
+them, two graphs as before). The price is the first layer's input gradient, which nothing uses: its q/k/v
+input gradients and its input norm's backward (the MLP's input gradient is needed anyway, for the attention's
+LoRA). Measured on the 1.5B job (bench/NOTES.md, section 14): 9 s less before the first step on a fresh
+machine, 2 s less with warm caches, and 1-3% fewer examples/s, more than those few matmuls should cost.
 
 The loss's chunk function (loss.py) is compiled on its own: two kernels instead of ~8 per chunk.
 """
