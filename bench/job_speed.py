@@ -59,13 +59,15 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.stacks import TARGETS  # noqa: E402  (the seven projections, as every bench stack adapts them)
+from minilora.loss import IGNORE  # noqa: E402  (-100, the label transformers and trl mask with too)
+
 MINILORA_FLAGS = {"minilora": [], "minilora-grouped": ["--group-by-length"], "minilora-nocompile": ["--compile", "off"],
                   "minilora-eager": ["--compile", "off", "--cuda-graphs", "off"], "baseline": []}
 STACKS = (*MINILORA_FLAGS, "trl", "unsloth")
 SEEDS = dict(batch_size=2, grad_accum=4, lr=2e-4, warmup_steps=5, weight_decay=0.01, max_grad_norm=1.0,
              max_seq_len=2048, r=16, alpha=16, seed=3407)
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-IGNORE = -100
+PER_STEP = SEEDS["batch_size"] * SEEDS["grad_accum"]  # examples per optimizer step
 
 
 # ----------------------------------------------------------------------------- the records, tokenized once
@@ -100,18 +102,18 @@ def expected_counts(rows: list[dict]) -> dict:
 
 # ----------------------------------------------------------------------------- one stack's figures
 
-def steady(step_ends: list[float], step_real: list[int], per_step: int, skip: int) -> dict:
+def steady(step_ends: list[float], step_real: list[int], skip: int) -> dict:
     """Examples/s and real tokens/s of the steps after the first `skip` (>= 1): from the end of step `skip`
     to the end of the last."""
     if len(step_ends) <= skip:
         return {}
     dt = step_ends[-1] - step_ends[skip - 1]
     n = len(step_ends) - skip
-    return {"examples_per_s": per_step * n / dt, "real_tokens_per_s": sum(step_real[skip:]) / dt,
+    return {"examples_per_s": PER_STEP * n / dt, "real_tokens_per_s": sum(step_real[skip:]) / dt,
             "steady_steps": n}
 
 
-def minilora_result(run: Path, per_step: int, skip: int) -> dict:
+def minilora_result(run: Path, skip: int) -> dict:
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     train = [x for x in rows if x.get("split") == "train"]
     report = json.loads((run / "report.json").read_text())
@@ -119,7 +121,7 @@ def minilora_result(run: Path, per_step: int, skip: int) -> dict:
             "label_tokens": sum(x["label_tokens"] for x in train), "real_tokens": sum(x["real_tokens"] for x in train),
             "steps": len(train), "peak_gib": max(x["peak_mem_gib"] for x in train),
             "loss_first": train[0]["loss"], "loss_last": train[-1]["loss"],
-            **steady([x["elapsed_s"] for x in train], [x["real_tokens"] for x in train], per_step, skip)}
+            **steady([x["elapsed_s"] for x in train], [x["real_tokens"] for x in train], skip)}
 
 
 def run_stack(stack: str, a, folder: Path, records: Path, tokens: Path, work: Path, env: dict, i: int) -> dict:
@@ -152,9 +154,8 @@ def run_stack(stack: str, a, folder: Path, records: Path, tokens: Path, work: Pa
     if not adapter.is_file():
         return {"error": f"no adapter at {adapter}", "wall_s": wall}
     row = {"wall_s": wall, "adapter_s": adapter.stat().st_mtime - t0}
-    per_step = SEEDS["batch_size"] * SEEDS["grad_accum"]
     try:
-        row.update(minilora_result(out, per_step, a.skip) if stack in MINILORA_FLAGS
+        row.update(minilora_result(out, a.skip) if stack in MINILORA_FLAGS
                    else json.loads((out / "result.json").read_text()))
     except (OSError, KeyError, ValueError, IndexError) as e:  # e.g. a --baseline older than real_tokens/elapsed_s
         row["error"] = f"could not read the run's figures: {type(e).__name__}: {e}"
@@ -184,7 +185,7 @@ def worker(spec_path: str):
         model, _ = FastLanguageModel.from_pretrained(folder, max_seq_length=SEEDS["max_seq_len"], load_in_4bit=True,
                                                      **bf16)
         model = FastLanguageModel.get_peft_model(model, r=SEEDS["r"], lora_alpha=SEEDS["alpha"], lora_dropout=0,
-                                                 target_modules=TARGETS, bias="none", random_state=SEEDS["seed"],
+                                                 target_modules=list(TARGETS), bias="none", random_state=SEEDS["seed"],
                                                  use_gradient_checkpointing="unsloth")
     else:
         from peft import LoraConfig
@@ -194,8 +195,8 @@ def worker(spec_path: str):
         model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=q, attn_implementation="sdpa",
                                                      device_map={"": device.index or 0} if device.type == "cuda"
                                                      else {"": "cpu"}, **bf16)
-        peft_config = LoraConfig(r=SEEDS["r"], lora_alpha=SEEDS["alpha"], lora_dropout=0.0, target_modules=TARGETS,
-                                 bias="none", task_type="CAUSAL_LM")
+        peft_config = LoraConfig(r=SEEDS["r"], lora_alpha=SEEDS["alpha"], lora_dropout=0.0,
+                                 target_modules=list(TARGETS), bias="none", task_type="CAUSAL_LM")
     rows = [json.loads(x) for x in Path(spec["tokens"]).read_text().splitlines()]
     data = Dataset.from_list(rows)  # input_ids + labels: trl trains on them as they are
 
@@ -239,16 +240,17 @@ def worker(spec_path: str):
               "label_tokens": sum(n for _, n in batches), "real_tokens": sum(r for r, _ in batches),
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0,
               "loss_first": losses[0], "loss_last": losses[-1],
-              **steady(step_ends, step_real, SEEDS["batch_size"] * accum, spec["skip"])}
+              **steady(step_ends, step_real, spec["skip"])}
     (out / "result.json").write_text(json.dumps(result))
 
 
 # ----------------------------------------------------------------------------- the run
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--shape", default="qwen-1.5b", help="a shape of bench/shapes.py (qwen-1.5b, qwen-7b, llama-8b, tiny)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="qwen-1.5b", help="a shape of bench/shapes.py: qwen-1.5b, qwen-7b, llama-8b, "
+                   "tiny")
     p.add_argument("--checkpoint", default="", metavar="DIR", help="train on this folder (written there if empty)")
     p.add_argument("--stacks", default="minilora,minilora,trl,unsloth",
                    help=f"comma-separated, in order, from {', '.join(STACKS)}; a stack named twice runs twice")
@@ -272,9 +274,8 @@ def main(argv=None):
                                  or not (Path(a.baseline) / "minilora" / "train.py").is_file()):
         p.error(f"--stacks baseline needs --baseline DIR, another checkout with a minilora package in it (not this "
                 f"one); got {a.baseline!r}")
-    per_step = SEEDS["batch_size"] * SEEDS["grad_accum"]
-    if a.examples % per_step:  # minilora fills a last short step from the next epoch, trl trains it short
-        p.error(f"--examples must be a multiple of {per_step} (the examples of one step), got {a.examples}")
+    if a.examples % PER_STEP:  # minilora fills a last short step from the next epoch, trl trains it short
+        p.error(f"--examples must be a multiple of {PER_STEP} (the examples of one step), got {a.examples}")
     if a.skip < 1:
         p.error(f"--skip must be at least 1, got {a.skip}")
     try:

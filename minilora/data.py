@@ -229,10 +229,10 @@ def pad_id_for(tok: Tokenizer) -> int:
     return 0
 
 
-def tokenize(prompt: str, full: str, tok: Tokenizer, chat: bool) -> Example:
-    add_special = not chat  # chat templates write their own BOS
-    prompt_ids = tok.encode(prompt, add_special_tokens=add_special) if prompt else []
-    full_ids = tok.encode(full, add_special_tokens=add_special)
+def tokenize(prompt: str, full: str, tok: Tokenizer) -> Example:
+    """alpaca, r1 and text records (chat ones are chat.py's): the tokenizer adds its BOS, the prompt is masked."""
+    prompt_ids = tok.encode(prompt) if prompt else []
+    full_ids = tok.encode(full)
     if full_ids[: len(prompt_ids)] != prompt_ids:  # BPE merged across the boundary
         full_ids = prompt_ids + tok.encode(full[len(prompt):], add_special_tokens=False)
     if not prompt and full_ids and full_ids[0] == tok.bos_id:
@@ -270,7 +270,7 @@ def build_examples(records: list[dict], template: str, tok: Tokenizer, max_seq_l
             else:
                 prompt, full = render(rec, template, tok)
                 full.encode("utf-8")  # a lone surrogate is not a character: the tokenizer would refuse it obscurely
-                ex = tokenize(prompt, full, tok, chat=False)
+                ex = tokenize(prompt, full, tok)
         except (DataError, ChatError) as e:
             problems.append(str(e))
             continue

@@ -371,8 +371,8 @@ def load(args, device):
     try:
         folder = resolve_model(args.model)
         tok = Tokenizer(folder)
-        saved = Path(args.adapter or "") / CHAT_TEMPLATE  # what the adapter was trained with, if chat
-        template = args.chat_template or (str(saved) if args.adapter and saved.is_file() else "")
+        saved = Path(args.adapter) / CHAT_TEMPLATE if args.adapter else None  # what a chat adapter trained with
+        template = args.chat_template or (str(saved) if saved and saved.is_file() else "")
         if not args.raw and (template or tok.chat_template):
             chat_format(tok, template)  # the template training used (chat.py): set on tok
         eos = model_eos_ids(folder, tok)

@@ -27,7 +27,7 @@ def example(rec, template, tok):
         ex = D.build_examples([rec], "chat", tok, 512)[0][0]
         return tok.apply_chat_template(rec["messages"][:-1], add_generation_prompt=True), ex
     prompt, full = D.render(rec, template, tok)
-    return prompt, D.tokenize(prompt, full, tok, chat=False)
+    return prompt, D.tokenize(prompt, full, tok)
 
 
 @pytest.mark.parametrize("template", list(RECORDS))
