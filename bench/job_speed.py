@@ -5,7 +5,8 @@ NF4 model, read the records, compile, train one epoch of uneven examples, save t
 script runs that job once per stack, each in its own process, on the same checkpoint and records:
 
 - `minilora`: `python -m minilora.train --data records.jsonl` (its defaults are the seeds' settings);
-  `minilora-grouped` adds `--group-by-length`, `minilora-nocompile` `--compile off`, `minilora-eager`
+  `minilora-padded` adds `--padding-free off` (each micro-batch padded to its longest, as before the
+  padding-free rows), `minilora-grouped` `--group-by-length`, `minilora-nocompile` `--compile off`, `minilora-eager`
   `--compile off --cuda-graphs off`; `baseline` is minilora from the folder --baseline names (another
   checkout, for a before/after in one run). Each stack starts with empty compile caches of its own
   (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR), as on a fresh machine; a stack named twice runs twice, and
@@ -62,7 +63,8 @@ if str(ROOT) not in sys.path:
 from bench.stacks import TARGETS  # noqa: E402  (the seven projections, as every bench stack adapts them)
 from minilora.loss import IGNORE  # noqa: E402  (-100, the label transformers and trl mask with too)
 
-MINILORA_FLAGS = {"minilora": [], "minilora-grouped": ["--group-by-length"], "minilora-nocompile": ["--compile", "off"],
+MINILORA_FLAGS = {"minilora": [], "minilora-padded": ["--padding-free", "off"],
+                  "minilora-grouped": ["--group-by-length"], "minilora-nocompile": ["--compile", "off"],
                   "minilora-eager": ["--compile", "off", "--cuda-graphs", "off"], "baseline": []}
 STACKS = (*MINILORA_FLAGS, "trl", "unsloth")
 SEEDS = dict(batch_size=2, grad_accum=4, lr=2e-4, warmup_steps=5, weight_decay=0.01, max_grad_norm=1.0,

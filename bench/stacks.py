@@ -36,7 +36,7 @@ STACKS = ("minilora", "minilora-fast", "minilora-lean", "minilora-padfree", "min
 # trainer's default on a GPU, --cuda-graphs auto); fast-graphs and lean-graphs: what --no-gradient-checkpointing and
 # --offload give on a GPU.
 MINILORA_MODES = {"minilora": {}, "minilora-fast": {"gradient_checkpointing": False}, "minilora-lean": {"offload": True},
-                  "minilora-padfree": {"padding_free": True}, "minilora-graphs": {"cuda_graphs": True},
+                  "minilora-padfree": {"padding_free": "on"}, "minilora-graphs": {"cuda_graphs": True},
                   "minilora-fast-graphs": {"gradient_checkpointing": False, "cuda_graphs": True},
                   "minilora-lean-graphs": {"offload": True, "cuda_graphs": True}}
 # peft-fast = peft without gradient checkpointing: shared/GPU.md's peft reference for the 1.5B shape (13,196 tok/s
@@ -110,7 +110,7 @@ def load_minilora(folder, s: Settings, mode: str = "minilora") -> Run:
     model = load_model(folder, device=s.device, dtype=s.dtype, quantize="nf4", double_quant=True, progress=False)
     torch.manual_seed(s.seed)
     apply_lora(model, r=s.rank, alpha=s.alpha, dropout=0.0, targets=TARGETS)
-    opts = {"gradient_checkpointing": s.checkpointing, **MINILORA_MODES[mode]}
+    opts = {"gradient_checkpointing": s.checkpointing, "padding_free": "off", **MINILORA_MODES[mode]}
     graphed = opts.pop("cuda_graphs", False)
     fast = speed.configure(TrainConfig(compile=s.compile, keep_activations=s.keep_activations,
                                        cuda_graphs="on" if graphed else "off", **opts), s.device)

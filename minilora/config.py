@@ -49,9 +49,11 @@ class TrainConfig:
     bad_rows: str = _f("error", "malformed data rows: stop with every problem listed, or skip them", ("error", "skip"))
     # batching and schedule
     batch_size: int = _f(2, "examples per micro-batch")
-    padding_free: bool = _f(False, "put each micro-batch's examples end to end in one row instead of padding them to "
-                                   "the longest (trl's padding_free): no compute on pad tokens, the same loss; "
-                                   "measured slower on an H100 at small batches (bench/NOTES.md)")
+    padding_free: str = _f("auto", "put a step's examples end to end in rows of up to batch-size x max-seq-len tokens "
+                                   "instead of padding each micro-batch to its longest (trl's padding_free, rows "
+                                   "refilled): no compute on pad tokens, the same loss and gradients; flash "
+                                   "attention's variable-length kernel on a GPU (speed/padding_free.py). auto: on "
+                                   "with CUDA graphs; a bare --padding-free means on", ("auto", "on", "off"))
     group_by_length: bool = _f(False, "put examples of like length in the same micro-batch (sorted within windows "
                                       "of 50 micro-batches of the seeded shuffle; transformers' group_by_length), "
                                       "so that batches carry less padding")
@@ -87,7 +89,7 @@ class TrainConfig:
                                   "host cost (1.5B: 2.4x the tokens/s); pads lengths to a multiple of 256 (past 2048 "
                                   "tokens, to one of 8 lengths per doubling) and computes "
                                   "the loss at prompt positions too (graphs.py). auto: on a CUDA GPU with bf16 unless "
-                                  "--padding-free, --fsdp, --dropout > 0, several processes, or batch-size x "
+                                  "--fsdp, --dropout > 0, several processes, or batch-size x "
                                   "max-seq-len over 32768 tokens",
                           ("auto", "on", "off"))
     # eval, saving and run control
@@ -106,7 +108,7 @@ class TrainConfig:
     config: str = _f("", "JSON file of these same keys; flags given on the command line win")
 
 
-DEMO = dict(batch_size=8, padding_free=True, grad_accum=1, max_steps=24, lr=2e-3, warmup_steps=3, r=16, alpha=32,
+DEMO = dict(batch_size=8, padding_free="on", grad_accum=1, max_steps=24, lr=2e-3, warmup_steps=3, r=16, alpha=32,
             max_seq_len=256, eval_every=0, gradient_checkpointing=False, output_dir="runs/demo")
 
 
@@ -128,10 +130,11 @@ def parser() -> argparse.ArgumentParser:
         if f.type == "bool" or isinstance(f.default, bool):
             action = argparse.BooleanOptionalAction if f.default else "store_true"
             p.add_argument(*flags, dest=f.name, action=action, default=argparse.SUPPRESS, help=meta["help"])
-        else:
+        else:  # an auto/on/off flag given bare means on
+            bare = {"nargs": "?", "const": "on"} if meta["choices"] and "on" in meta["choices"] else {}
             p.add_argument(*flags, dest=f.name, type=type(f.default), default=argparse.SUPPRESS,
                            choices=meta["choices"], help=meta["help"] + f" (default: {f.default!r})",
-                           metavar=f.name.upper())
+                           metavar=f.name.upper(), **bare)
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     return p
 
@@ -154,6 +157,8 @@ def config_from_json(path: str, checks=()) -> dict:
         want = type(known[name].default)
         if want is float and isinstance(v, int) and not isinstance(v, bool):
             v = float(v)
+        if isinstance(v, bool) and "on" in (known[name].metadata["choices"] or ()):
+            v = "on" if v else "off"  # {"padding_free": true}, as the flag was a switch once
         if not isinstance(v, want) or (want is int and isinstance(v, bool)):
             raise UsageError(f"--config {path}: {k} must be {want.__name__}, got {json.dumps(v)}.")
         out[name] = v
@@ -220,7 +225,7 @@ def validate(cfg: TrainConfig, checks=()):
     need(cfg.max_bad_steps >= 1, f"--max-bad-steps must be >= 1, got {cfg.max_bad_steps}.")
     need(cfg.template in ("auto",) + TEMPLATES, f"--template must be one of auto, {', '.join(TEMPLATES)}.")
     for name in ("truncation", "bad_rows", "scheduler", "optim", "quant_type", "compile", "cuda_graphs",
-                 "empty_think"):
+                 "empty_think", "padding_free"):
         choices = TrainConfig.__dataclass_fields__[name].metadata["choices"]
         need(getattr(cfg, name) in choices, f"--{name.replace('_', '-')} must be one of {', '.join(choices)}.")
     need(not (cfg.resume and cfg.overwrite), "--resume and --overwrite contradict each other; pick one.")

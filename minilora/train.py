@@ -120,7 +120,7 @@ def train(cfg: TrainConfig) -> dict:
             epoch, offset = divmod(state.position, len(train_set))
             order = D.epoch_order(len(train_set), cfg.seed, epoch, lengths, cfg.batch_size * dp.world())
             mbs = micro_batches(train_set, order, offset, cfg.grad_accum, cfg.batch_size * dp.world())
-            batches = [fast.make_batch(mb, pad_id) for mb in rank_slice(mbs, dp.rank(), dp.world())]
+            batches = fast.make_batches(rank_slice(mbs, dp.rank(), dp.world()), pad_id)
             lr = lr_at(state.step, cfg, total_steps)
             for g in optimizer.param_groups:
                 g["lr"] = lr

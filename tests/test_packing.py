@@ -4,8 +4,9 @@ The reference for each example is the example alone: a batch of one, no padding,
 the plain causal path that test_model.py checks against transformers. The packed row of
 uneven examples (prompt-masked, as SFT data are) must give the same summed loss, the same
 label-token count and the same LoRA gradients, with and without recompute, in lean mode, and
-with the decoder layers compiled; and a training run with --padding-free must follow the
-padded run step for step.
+with the decoder layers compiled, padded as CUDA graphs pad it or not; and a training run with
+--padding-free, whose steps deal their micro-batches' examples into fuller rows, must follow the
+padded run step for step. (The GPU's variable-length kernel: tests/test_graphs.py.)
 """
 import pytest
 import torch
@@ -15,6 +16,7 @@ from minilora import data as D
 from minilora.loss import causal_lm_loss
 from minilora.speed import make_batch
 from minilora.speed import padding_free as packing
+from minilora.speed.graphs import bucket_length
 from minilora.train import hidden_states
 from test_distributed import assert_same_run
 from test_train import run_train, tiny_run_args
@@ -52,9 +54,10 @@ def test_packed_row_equals_each_example_alone(tmp_path, kind, setup):
     ex = examples()
     alone = loss_and_grads(model, [make_batch([e], 0, "cpu") for e in ex])
     packed = loss_and_grads(model, [make_batch(ex, 0, "cpu", padding_free=True)])
+    for_graphs = loss_and_grads(model, [make_batch(ex, 0, "cpu", padding_free=True, pad_to=bucket_length)])
     padded = loss_and_grads(model, [make_batch(ex, 0, "cpu")])
-    assert packed[1] == alone[1] == padded[1]  # the same label tokens: none lost or added at the seams
-    for other in (packed, padded):
+    assert packed[1] == for_graphs[1] == alone[1] == padded[1]  # the same label tokens: none lost or added
+    for other in (packed, for_graphs, padded):
         assert abs(other[0] - alone[0]) < 1e-4 * abs(alone[0]), (other[0], alone[0])
         for k in alone[2]:
             torch.testing.assert_close(other[2][k], alone[2][k], atol=1e-5, rtol=1e-4)
@@ -64,17 +67,46 @@ def test_packed_row_has_no_padding_and_restarts_positions():
     ex = examples(3)
     b = packing.collate(ex)
     lengths = [len(e.input_ids) for e in ex]
-    assert b["input_ids"].shape == (1, sum(lengths)) and b["documents"].lengths == tuple(lengths)
-    assert b["positions"][0].tolist() == [p for n in lengths for p in range(n)]
     starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    assert b["input_ids"].shape == (1, sum(lengths))
+    assert b["documents"].cu_seqlens.tolist() == starts + [sum(lengths)]
+    assert b["documents"].cu_seqlens.dtype == torch.int32  # what flash attention's kernel reads
+    assert b["positions"][0].tolist() == [p for n in lengths for p in range(n)]
     assert all(b["labels"][0, s] == D.IGNORE for s in starts)
+
+
+def test_a_row_for_cuda_graphs_pads_with_an_example_of_its_own():
+    ex = examples(3)
+    n = sum(len(e.input_ids) for e in ex)
+    b = packing.collate(ex, pad_id=7, pad_to=bucket_length)
+    T = bucket_length(n)
+    assert b["input_ids"].shape == (1, T) and (b["input_ids"][0, n:] == 7).all()
+    assert (b["labels"][0, n:] == D.IGNORE).all()
+    cu = b["documents"].cu_seqlens.tolist()
+    assert len(cu) == packing.MIN_SLOTS + 1  # 3 examples and the padding, in 8 slots: one shape for up to 8
+    assert cu[:5] == [0] + [sum(len(e.input_ids) for e in ex[:i + 1]) for i in range(3)] + [T] and set(cu[5:]) == {T}
+    many = packing.collate(examples(11), pad_to=bucket_length)
+    assert len(many["documents"].cu_seqlens) == 16 + 1
+    # the trainer pads a row coarser than a padded batch: 1024 tokens, past 16k 8 lengths per doubling
+    assert [packing.row_length(n) for n in (1, 1024, 1025, 4097, 16384, 20000)] == [1024, 1024, 2048, 5120,
+                                                                                     16384, 20480]
+
+
+def test_deal_fills_rows_longest_first_within_the_capacity():
+    ex = examples(12, seed=1)
+    rows = packing.deal(ex, capacity=60)
+    assert sorted(id(e) for r in rows for e in r) == sorted(id(e) for e in ex)  # each example once
+    assert all(sum(len(e.input_ids) for e in r) <= 60 for r in rows)
+    total = sum(len(e.input_ids) for e in ex)
+    assert len(rows) <= -(-total // 60) + 1  # first-fit decreasing: at most one row more than the tokens need
+    assert packing.deal(ex, capacity=10_000) == [sorted(ex, key=lambda e: -len(e.input_ids))]
 
 
 def test_padding_free_training_follows_the_padded_run(tmp_path):
     padded, free = tmp_path / "padded", tmp_path / "free"
     r = run_train(tiny_run_args(tmp_path, padded, dropout=0.0))
     assert r.returncode == 0, r.stderr
-    r = run_train(tiny_run_args(tmp_path, free, dropout=0.0) + ["--padding-free"])
+    r = run_train(tiny_run_args(tmp_path, free, dropout=0.0) + ["--padding-free"])  # 2 micro-batches: 1 row
     assert r.returncode == 0, r.stderr
     assert_same_run(padded, free, [1, 2, 3, 4, 5, 6])
 

@@ -257,7 +257,7 @@ def test_finished_run_is_not_overwritten(tmp_path):
     (["--r", "0"], "--r must be a positive integer"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--scheduler", "step"], "invalid choice"),
-    (["--cuda-graphs", "on", "--padding-free"], "--cuda-graphs on cannot record --padding-free"),
+    (["--padding-free", "yes"], "argument --padding-free: invalid choice: 'yes'"),
     (["--cuda-graphs", "on", "--dropout", "0.1"], "--cuda-graphs on cannot record --dropout"),
     (["--cuda-graphs", "on", "--device", "cpu"], "--cuda-graphs on needs a CUDA GPU with bf16"),
     (["--cuda-graphs", "on", "--offload", "--device", "cpu"], "--cuda-graphs on needs a CUDA GPU"),  # no clash

@@ -12,7 +12,7 @@ refusing a combination that cannot work with the reason; `.attach(model)` then a
     long-sequence MLP  mlp.py              the same swap                            past 32k tokens, unless --fsdp
     compile            compile.py          each decoder layer, the loss's chunks    --compile auto: on CUDA
     CUDA graphs        graphs.py           the micro-step, recorded and replayed    --cuda-graphs auto: see `graphs`
-    padding-free       padding_free.py     the batches: one row, no pad tokens      --padding-free
+    padding-free       padding_free.py     the batches: rows without pad tokens     --padding-free auto: with graphs
     flat optimizer     flat_optimizer.py   what AdamW steps: one tensor             always
 
 CLASHES, below, is the one table of features that cannot run together. Nothing in model.py, nf4.py, lora.py or
@@ -41,7 +41,6 @@ from .recompute import Recompute, check_keep_activations, draws_random_numbers, 
 # Features that cannot run together, and why. A flag asking for both is refused (`check`); where one of the two
 # is automatic, it is left off.
 CLASHES = {
-    ("cuda_graphs", "padding_free"): "its row layout changes with every batch; graphs need a few fixed shapes.",
     ("cuda_graphs", "fsdp"): "FSDP2's gathers run between the layers' kernels.",
     ("cuda_graphs", "dropout"): "the checkpointed recompute must save the RNG state to redraw the same masks, and a "
                                 "recording cannot read it (without checkpointing, dropout in a graph is untested here).",
@@ -60,7 +59,7 @@ COMPILED_LOGIT_ELEMENTS = 2 * LOGIT_ELEMENTS
 
 def _asked(cfg) -> dict[str, bool]:
     """The features a user turns on with a flag, of those CLASHES names."""
-    return {"padding_free": cfg.padding_free, "fsdp": cfg.fsdp, "dropout": cfg.dropout > 0}
+    return {"fsdp": cfg.fsdp, "dropout": cfg.dropout > 0}
 
 
 def check(cfg) -> None:
@@ -70,7 +69,7 @@ def check(cfg) -> None:
         raise UsageError("--keep-activations N spares N layers the recompute of gradient checkpointing, which is off "
                          "(--no-gradient-checkpointing keeps every layer's activations already); drop one of the two.")
     asked = _asked(cfg)
-    for other in ("padding_free", "fsdp", "dropout"):
+    for other in ("fsdp", "dropout"):
         if cfg.cuda_graphs == "on" and asked[other]:
             raise UsageError(f"--cuda-graphs on cannot record --{other.replace('_', '-')}: "
                              f"{CLASHES['cuda_graphs', other]} Drop one of the two (--cuda-graphs auto does).")
@@ -81,12 +80,12 @@ def check(cfg) -> None:
 
 def make_batch(examples, pad_id: int, device, padding_free: bool = False, pad_to=None, host_embedding=None) -> dict:
     """One micro-batch on `device`: padded to its longest example (or to `pad_to(longest)`), or end to end in
-    one row (padding_free.py). With the embedding table on the host (offload.py), its rows are looked up here,
-    while the ids are still on the host, and sent as `inputs_embeds`."""
-    b = pf.collate(examples) if padding_free else collate(examples, pad_id, pad_to)
+    one row (padding_free.py; padded to `pad_to(its length)`). With the embedding table on the host (offload.py),
+    its rows are looked up here, while the ids are still on the host, and sent as `inputs_embeds`."""
+    b = pf.collate(examples, pad_id, pad_to) if padding_free else collate(examples, pad_id, pad_to)
     if host_embedding is not None:
         b["inputs_embeds"] = host_embedding(b["input_ids"])
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
+    return {k: v.to(device) for k, v in b.items()}
 
 
 @dataclass
@@ -97,6 +96,8 @@ class Speed:
     keep_activations: int
     offload: bool
     padding_free: bool
+    row_tokens: int  # padding-free: a row holds at most batch_size x max_seq_len tokens, a padded batch's most
+    deal: bool  # padding-free: deal a step's examples into rows anew (not under --fsdp: padding_free.py)
     swap_mlp: bool  # the folded gate/up and the long-sequence pieces (mlp.py)
     triton: bool
     compile: bool
@@ -127,10 +128,16 @@ class Speed:
         model.train()
         return flatten_for_optimizer([p for p in model.parameters() if p.requires_grad])
 
+    def make_batches(self, micro_batches: list[list], pad_id: int) -> list[dict]:
+        """A step's micro-batches on the device; padding-free, its examples dealt into full rows (padding_free.py)."""
+        if self.padding_free and self.deal:
+            micro_batches = pf.deal([e for mb in micro_batches for e in mb], self.row_tokens)
+        return [self.make_batch(mb, pad_id) for mb in micro_batches]
+
     def make_batch(self, examples, pad_id: int, training: bool = True) -> dict:
         """A micro-batch as these choices want it: padded to few lengths for the CUDA graphs (training only), or
         padding-free, with its embedding rows looked up on the host in lean mode."""
-        pad_to = bucket_length if self.graphs and training else None
+        pad_to = (pf.row_length if self.padding_free else bucket_length) if self.graphs and training else None
         return make_batch(examples, pad_id, self.device, self.padding_free, pad_to, self.host_embedding)
 
     def record(self, step, params: list[torch.Tensor], scaler=None):
@@ -148,12 +155,14 @@ def configure(cfg, device, world: int = 1) -> Speed:
     """Every automatic choice, from the flags (a TrainConfig, or anything with its fields) and the device."""
     device = torch.device(device)
     cuda = device.type == "cuda"
-    asked = _asked(cfg)
+    asked, recorded = _asked(cfg), graphs(cfg, device, world)
     return Speed(device=device, recompute=cfg.gradient_checkpointing or cfg.offload,
-                 keep_activations=cfg.keep_activations, offload=cfg.offload, padding_free=cfg.padding_free,
+                 keep_activations=cfg.keep_activations, offload=cfg.offload,
+                 padding_free=cfg.padding_free == "on" or (cfg.padding_free == "auto" and recorded),
+                 row_tokens=cfg.batch_size * cfg.max_seq_len, deal=not asked["fsdp"],
                  swap_mlp=not asked["fsdp"], triton=cuda and nf4_triton.triton is not None,
                  compile=not asked["fsdp"] and (cfg.compile == "on" or (cfg.compile == "auto" and cuda)),
-                 graphs=graphs(cfg, device, world))
+                 graphs=recorded)
 
 
 def graphs(cfg, device: torch.device, world: int) -> bool:

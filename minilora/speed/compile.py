@@ -39,6 +39,8 @@ class DynamicLength:
             x = x.detach().requires_grad_()  # the first layer: the same graph as the others (above)
         for t, dim in ((x, 1), (cos, 2), (sin, 2)):
             torch._dynamo.maybe_mark_dynamic(t, dim)
+        if args and hasattr(args[0], "cu_seqlens"):  # a padding-free row's example bounds: a few sizes, one graph
+            torch._dynamo.maybe_mark_dynamic(args[0].cu_seqlens, 0)
         return self.inner(layer, x, cos, sin, *args)
 
 

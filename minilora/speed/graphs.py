@@ -11,7 +11,8 @@ micro-step (train.micro_step): the same function the loop calls without graphs.
 What a recording needs, and how it gets it here:
 - Fixed shapes and addresses. Each micro-batch shape (B, T) gets its own graph, reading static input
   tensors that each batch is copied into; batches are padded to `bucket_length(T)` (a multiple of
-  256; past 2048 tokens, 8 lengths per doubling), so a data set needs a handful of graphs. They share
+  256; past 2048 tokens, 8 lengths per doubling), so a data set needs a handful of graphs (a
+  padding-free row, padding_free.py, adds its positions and example bounds, in a few sizes). They share
   one memory pool: they run one at a time, and what one leaves behind (the loss) is read before the
   next runs.
 - Nothing that waits for the GPU inside: the loss keeps every position, unlabelled ones weighing 0
@@ -27,8 +28,10 @@ What a recording needs, and how it gets it here:
   adds into. `zero_grad(set_to_none=True)` drops them between steps; `__call__` puts them back, zeroed.
 - Warm-up before recording: two eager runs on a side stream compile the layers and create cuBLAS'
   workspace, as PyTorch's CUDA-graph notes ask, with the gradients saved and put back around them.
+  A later shape needs one: the layers are compiled for every length, but the loss's last chunk may
+  still compile once for a new row count, which must not happen inside a recording.
 
-Cost: each new shape costs two eager micro-batches and a recording, once; the pool keeps the memory
+Cost: each new shape costs one or two eager micro-batches and a recording, once; the pool keeps the memory
 of the recorded steps' activations between replays (bench/NOTES.md, section 9, has the figures).
 Reference: tests/test_graphs.py compares losses and LoRA gradients with the eager step on a GPU.
 """
@@ -51,6 +54,15 @@ def bucket_length(T: int) -> int:
     return -(-T // step) * step
 
 
+def replay_inputs(batch: dict) -> dict[str, torch.Tensor]:
+    """What a replay reads of a batch: its tensors (input_ids, labels; positions for a padding-free row, and in
+    lean mode the embedding rows) and a padding-free row's example bounds."""
+    inputs = {k: v for k, v in batch.items() if torch.is_tensor(v)}
+    if batch.get("documents") is not None:
+        inputs["cu_seqlens"] = batch["documents"].cu_seqlens
+    return inputs
+
+
 class GraphedMicroBatches:
     """`graphs(batch, inv_n)`: `step(batch, inv_n)` (forward + backward of `batch`, scaled by inv_n = 1/N, N the
     step's label tokens) from a recording of its shape; returns the batch's loss sum (a 0-dim tensor on the GPU,
@@ -58,18 +70,19 @@ class GraphedMicroBatches:
 
     def __init__(self, step, params: list[torch.Tensor], warmup: int = 2):
         self.step, self.params, self.warmup = step, params, warmup
-        self.recorded: dict[tuple[int, int], tuple] = {}  # (B, T) -> (graph, static batch, scale, loss_sum)
+        self.recorded: dict[tuple, tuple] = {}  # the inputs' shapes -> (graph, static batch, scale, loss_sum)
         self.pool = torch.cuda.graph_pool_handle()
         self.grads = [torch.zeros_like(p) for p in params]
 
     def __call__(self, batch: dict, inv_n: float) -> torch.Tensor:
         self._static_grads()
-        shape = tuple(batch["input_ids"].shape)
+        inputs = replay_inputs(batch)
+        shape = tuple((k, tuple(t.shape)) for k, t in inputs.items())
         if shape not in self.recorded:
             self.recorded[shape] = self._record(batch, inv_n)
         graph, static, scale, loss_sum = self.recorded[shape]
-        for k, t in static.items():  # input_ids, labels, and in lean mode the embedding rows
-            t.copy_(batch[k], non_blocking=True)
+        for k, t in replay_inputs(static).items():
+            t.copy_(inputs[k], non_blocking=True)
         scale.fill_(inv_n)
         graph.replay()
         return loss_sum
@@ -84,7 +97,7 @@ class GraphedMicroBatches:
             p.grad = g
 
     def _record(self, batch: dict, inv_n: float) -> tuple:
-        static = {k: v.clone() for k, v in batch.items() if k in ("input_ids", "labels", "inputs_embeds")}
+        static = {k: v.clone() for k, v in batch.items()}  # tensors, and a padding-free row's Documents
         ids = static["input_ids"]
         scale = torch.full((), inv_n, dtype=torch.float32, device=ids.device)
         saved = [g.clone() for g in self.grads]  # the warm-up adds into them; this micro-batch's replay will
@@ -92,8 +105,8 @@ class GraphedMicroBatches:
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(self.warmup):
+            with torch.cuda.stream(side):  # later shapes: compiled and warmed up already, one run is enough
+                for _ in range(self.warmup if len(self.recorded) == 0 else 1):
                     self.step(static, scale)
             torch.cuda.current_stream().wait_stream(side)
             with torch.cuda.graph(graph, pool=self.pool):

@@ -1,21 +1,31 @@
-"""Padding-free batches: a micro-batch's examples end to end in one row, with no pad tokens.
+"""Padding-free batches: examples end to end in rows, with no pad tokens between them.
 
 Padding a micro-batch to its longest example spends the linear layers' FLOPs (nearly all of
-a step's) on pad tokens; for lengths spread evenly up to L, about half of them. Here the B
-examples become one row of sum(len) tokens instead of B x max(len), and three things keep each
-example to itself, so the loss and its gradient are exactly the padded batch's:
+a step's) on pad tokens; for lengths spread evenly up to L, about half of them. Here a step's
+examples are dealt into rows of at most batch_size x max_seq_len tokens (first-fit, longest
+first), each row one micro-batch, and three things keep each example to itself, so the loss and
+its gradient are exactly the padded batches':
 
 - positions restart at 0 at each example, so RoPE turns every token by the same angle;
 - attention is causal inside each example and blind across examples (a block-diagonal causal
-  mask). It is computed one example at a time with SDPA's causal kernel, so no T x T mask is
-  ever built and flash attention still applies on the GPU;
+  mask). On a GPU it is one call of flash attention's variable-length kernel over the row, which
+  reads the examples' bounds from a tensor (cu_seqlens); on the CPU, SDPA one example at a time.
+  No T x T mask is ever built;
 - the label of each example's first token is IGNORE, so the last token of one example is not
   trained to predict the first token of the next (in a padded batch the shift drops that
   label the same way), and the label-token count N is unchanged.
 
-This is trl's `padding_free=True`: the same examples per micro-batch, only the padding gone.
-(Packing several examples into rows of a fixed token budget would change how many examples
-each step sees, and so the training itself; that is not done here.)
+Why dealing the step's examples anew does not change the training: every micro-batch's loss sum
+is divided by the same N, the label tokens of the whole step (train.py), so the step's gradient
+is the sum over its examples, however they are grouped. (trl's `packing=True` is another thing:
+it cuts the data into rows, which changes the examples a step sees.) Fewer, fuller rows mean fewer
+passes and larger matmuls. Under --fsdp each rank keeps its micro-batches as they are, one row
+each: every rank must make the same number of passes, for the shards' gathers.
+
+Under CUDA graphs (graphs.py) a row is padded to `row_length`, the padding one more example of
+its own whose labels are all IGNORE, and `cu_seqlens` to a power-of-two count (zero-length
+examples at its end), so that a handful of shapes cover every step. The kernel's launch covers
+the row's whole length for each example, so that bound is fixed too.
 """
 from __future__ import annotations
 
@@ -26,32 +36,134 @@ import torch.nn.functional as F
 
 from ..loss import IGNORE
 
+MIN_SLOTS = 8  # cu_seqlens holds a power of two of examples, at least this many: few shapes to record
+ROW_MULTIPLE = 1024  # under CUDA graphs a row is padded to a multiple of this (past 16k tokens, 8 per doubling)
+
+
+def row_length(n: int) -> int:
+    """The length a padding-free row of n tokens is padded to under CUDA graphs. Coarser than a padded batch's
+    buckets (graphs.bucket_length): dealt rows are nearly full, so only a step's last row varies, and each new
+    length costs a recording (two passes and a capture) that a short run cannot win back. At 1024 tokens the
+    1.5B job records 4 lengths and pads 9% (bench/NOTES.md, section 15)."""
+    step = max(ROW_MULTIPLE, 1 << max(0, (n - 1).bit_length() - 4))
+    return -(-n // step) * step
+
 
 @dataclass(frozen=True)
 class Documents:
-    """The example lengths of a packed row; passed to the model in place of an attention mask."""
+    """Where a row's examples start: passed to the model in place of an attention mask.
 
-    lengths: tuple[int, ...]
+    cu_seqlens: (S + 1,) int32, 0, the cumulative lengths, then the row's length repeated (empty slots)."""
+
+    cu_seqlens: torch.Tensor
+
+    def to(self, device, non_blocking: bool = False) -> Documents:
+        return Documents(self.cu_seqlens.to(device, non_blocking=non_blocking))
+
+    def clone(self) -> Documents:
+        return Documents(self.cu_seqlens.clone())
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> torch.Tensor:
-        """Block-diagonal causal attention over (1, heads, T, head_dim) tensors, one example at a time."""
-        return _attend(q, k, v, self.lengths, gqa)
+        """Block-diagonal causal attention over (1, heads, T, head_dim) tensors."""
+        if q.is_cuda:
+            qt, kt, vt = (t[0].transpose(0, 1).contiguous() for t in (q, k, v))  # (T, heads, head_dim)
+            T = q.shape[2]
+            out, _ = varlen_attention(qt, kt, vt, self.cu_seqlens, T)
+            return out.transpose(0, 1).unsqueeze(0)
+        return _attend_each(q, k, v, self.cu_seqlens, gqa)
 
 
-@torch.compiler.disable  # lengths change every step: compiled, each new list would be a recompile
-def _attend(q, k, v, lengths, gqa):
+@torch.compiler.disable  # the bounds are read on the host: compiled, each new list would be a recompile
+def _attend_each(q, k, v, cu_seqlens, gqa):
+    bounds = cu_seqlens.tolist()
+    lengths = [b - a for a, b in zip(bounds, bounds[1:]) if b > a]
     parts = zip(q.split(lengths, dim=2), k.split(lengths, dim=2), v.split(lengths, dim=2))
     return torch.cat([F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=gqa)
                       for qi, ki, vi in parts], dim=2)
 
 
-def collate(examples) -> dict:
-    """One row of all the examples' tokens: input_ids, labels, positions (1, T) and the Documents."""
-    ids = torch.tensor([t for e in examples for t in e.input_ids]).unsqueeze(0)
-    labels, positions = [], []
+# ---- flash attention over variable-length examples, as an op torch.compile and CUDA graphs take whole.
+# aten's _flash_attention_forward/backward are the kernels SDPA calls; given cu_seqlens they treat each
+# [cu[i], cu[i+1]) as its own sequence (causal within it; grouped-query heads native). Dropout is 0, so the
+# RNG state they return and take is not used.
+
+@torch.library.custom_op("minilora::varlen_attention", mutates_args=())
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, heads, d) q and (T, kv_heads, d) k, v -> the output (T, heads, d) and the log-sum-exp (heads, T)."""
+    out, lse = torch.ops.aten._flash_attention_forward(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len,
+                                                       0.0, True, False)[:2]
+    return out, lse
+
+
+@varlen_attention.register_fake
+def _(q, k, v, cu_seqlens, max_len):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("minilora::varlen_attention_backward", mutates_args=())
+def varlen_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              out: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor,
+                              max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    unused = torch.zeros(2, dtype=torch.uint64, device=q.device)
+    dq, dk, dv = torch.ops.aten._flash_attention_backward(grad.contiguous(), q, k, v, out, lse, cu_seqlens,
+                                                          cu_seqlens, max_len, max_len, 0.0, True, unused, unused)
+    return dq, dk, dv
+
+
+@varlen_attention_backward.register_fake
+def _(grad, q, k, v, out, lse, cu_seqlens, max_len):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _save(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_len = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens)
+    ctx.max_len = max_len
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    return (*varlen_attention_backward(grad_out, q, k, v, out, lse, cu_seqlens, ctx.max_len), None, None)
+
+
+varlen_attention.register_autograd(_backward, setup_context=_save)
+
+
+# ---- rows
+
+def deal(examples: list, capacity: int) -> list[list]:
+    """The examples in rows of at most `capacity` tokens: longest first, each into the first row with room."""
+    rows, room = [], []
+    for e in sorted(examples, key=lambda e: -len(e.input_ids)):
+        n = len(e.input_ids)
+        i = next((i for i, r in enumerate(room) if n <= r), None)
+        if i is None:
+            rows.append([]), room.append(capacity)
+            i = len(rows) - 1
+        rows[i].append(e)
+        room[i] -= n
+    return rows
+
+
+def collate(examples, pad_id: int = 0, pad_to=None) -> dict:
+    """One row of all the examples' tokens: input_ids, labels, positions (1, T) and the Documents. With
+    `pad_to` (CUDA graphs), the row is padded to pad_to(length), and cu_seqlens to a power-of-two count."""
+    ids, labels, positions, bounds = [], [], [], [0]
     for e in examples:
+        ids += e.input_ids
         labels += [IGNORE] + list(e.labels[1:])  # the first token predicts nothing across the boundary
         positions += range(len(e.input_ids))
-    return {"input_ids": ids, "labels": torch.tensor(labels).unsqueeze(0),
+        bounds.append(len(ids))
+    if pad_to is not None:
+        T = pad_to(len(ids))
+        if T > len(ids):  # the padding: an example of its own, trained on nothing
+            positions += range(T - len(ids))
+            labels += [IGNORE] * (T - len(ids))
+            ids += [pad_id] * (T - len(ids))
+            bounds.append(T)
+        slots = max(MIN_SLOTS, 1 << (len(bounds) - 2).bit_length())
+        bounds += [T] * (slots + 1 - len(bounds))
+    return {"input_ids": torch.tensor(ids).unsqueeze(0), "labels": torch.tensor(labels).unsqueeze(0),
             "positions": torch.tensor(positions).unsqueeze(0),
-            "documents": Documents(tuple(len(e.input_ids) for e in examples))}
+            "documents": Documents(torch.tensor(bounds, dtype=torch.int32))}
