@@ -8,7 +8,7 @@ its gradient are exactly the padded batches':
 
 - positions restart at 0 at each example, so RoPE turns every token by the same angle;
 - attention is causal inside each example and blind across examples (a block-diagonal causal
-  mask). On a GPU it is one call of flash attention's variable-length kernel over the row, which
+  mask). On a GPU in bf16 it is one call of flash attention's variable-length kernel over the row, which
   reads the examples' bounds from a tensor (cu_seqlens); on the CPU, SDPA one example at a time.
   No T x T mask is ever built;
 - the label of each example's first token is IGNORE, so the last token of one example is not
@@ -43,8 +43,8 @@ ROW_MULTIPLE = 1024  # under CUDA graphs a row is padded to a multiple of this (
 def row_length(n: int) -> int:
     """The length a padding-free row of n tokens is padded to under CUDA graphs. Coarser than a padded batch's
     buckets (graphs.bucket_length): dealt rows are nearly full, so only a step's last row varies, and each new
-    length costs a recording (two passes and a capture) that a short run cannot win back. At 1024 tokens the
-    1.5B job records 4 lengths and pads 9% (bench/NOTES.md, section 15)."""
+    length costs a recording (a warm-up pass and a capture) that a short run cannot win back. At 1024 tokens the
+    1.5B job's epoch takes 4 lengths and 9% padding, at 256 13 lengths and 4% (bench/NOTES.md, section 15)."""
     step = max(ROW_MULTIPLE, 1 << max(0, (n - 1).bit_length() - 4))
     return -(-n // step) * step
 
@@ -65,7 +65,7 @@ class Documents:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> torch.Tensor:
         """Block-diagonal causal attention over (1, heads, T, head_dim) tensors."""
-        if q.is_cuda:
+        if q.is_cuda and q.dtype == torch.bfloat16:  # flash needs Ampere or later, where the trainer runs in bf16
             qt, kt, vt = (t[0].transpose(0, 1).contiguous() for t in (q, k, v))  # (T, heads, head_dim)
             T = q.shape[2]
             out, _ = varlen_attention(qt, kt, vt, self.cu_seqlens, T)
