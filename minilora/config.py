@@ -49,11 +49,13 @@ class TrainConfig:
     bad_rows: str = _f("error", "malformed data rows: stop with every problem listed, or skip them", ("error", "skip"))
     # batching and schedule
     batch_size: int = _f(2, "examples per micro-batch")
-    padding_free: str = _f("auto", "put a step's examples end to end in rows of up to batch-size x max-seq-len tokens "
-                                   "instead of padding each micro-batch to its longest (trl's padding_free, rows "
-                                   "refilled): no compute on pad tokens, the same loss and gradients; flash "
-                                   "attention's variable-length kernel on a GPU (speed/padding_free.py). auto: on "
-                                   "with CUDA graphs; a bare --padding-free means on", ("auto", "on", "off"))
+    padding_free: str = _f("auto", "auto, on or off: put a step's examples end to end in rows of up to batch-size x "
+                                   "max-seq-len tokens instead of padding each micro-batch to its longest (like "
+                                   "trl's padding_free, with the step's examples dealt anew into full rows): no "
+                                   "compute on pad tokens, the same loss and gradients; flash attention's "
+                                   "variable-length kernel on an Ampere or newer GPU (speed/padding_free.py). "
+                                   "auto: on with CUDA graphs on such a GPU; a bare --padding-free means on",
+                           ("auto", "on", "off"))
     group_by_length: bool = _f(False, "put examples of like length in the same micro-batch (sorted within windows "
                                       "of 50 micro-batches of the seeded shuffle; transformers' group_by_length), "
                                       "so that batches carry less padding")
@@ -87,7 +89,7 @@ class TrainConfig:
                       ("auto", "on", "off"))
     cuda_graphs: str = _f("auto", "replay each micro-batch's forward and backward from a CUDA graph: no per-kernel "
                                   "host cost (1.5B: 2.4x the tokens/s); pads lengths to a multiple of 256 (past 2048 "
-                                  "tokens, to one of 8 lengths per doubling) and computes "
+                                  "tokens, to one of 8 lengths per doubling; padding-free rows to 1024) and computes "
                                   "the loss at prompt positions too (graphs.py). auto: on a CUDA GPU with bf16 unless "
                                   "--fsdp, --dropout > 0, several processes, or batch-size x "
                                   "max-seq-len over 32768 tokens",
@@ -130,8 +132,8 @@ def parser() -> argparse.ArgumentParser:
         if f.type == "bool" or isinstance(f.default, bool):
             action = argparse.BooleanOptionalAction if f.default else "store_true"
             p.add_argument(*flags, dest=f.name, action=action, default=argparse.SUPPRESS, help=meta["help"])
-        else:  # an auto/on/off flag given bare means on
-            bare = {"nargs": "?", "const": "on"} if meta["choices"] and "on" in meta["choices"] else {}
+        else:  # --padding-free, a switch once, given bare means on
+            bare = {"nargs": "?", "const": "on"} if f.name == "padding_free" else {}
             p.add_argument(*flags, dest=f.name, type=type(f.default), default=argparse.SUPPRESS,
                            choices=meta["choices"], help=meta["help"] + f" (default: {f.default!r})",
                            metavar=f.name.upper(), **bare)
@@ -157,7 +159,7 @@ def config_from_json(path: str, checks=()) -> dict:
         want = type(known[name].default)
         if want is float and isinstance(v, int) and not isinstance(v, bool):
             v = float(v)
-        if isinstance(v, bool) and "on" in (known[name].metadata["choices"] or ()):
+        if isinstance(v, bool) and name == "padding_free":
             v = "on" if v else "off"  # {"padding_free": true}, as the flag was a switch once
         if not isinstance(v, want) or (want is int and isinstance(v, bool)):
             raise UsageError(f"--config {path}: {k} must be {want.__name__}, got {json.dumps(v)}.")

@@ -87,9 +87,12 @@ def test_a_row_for_cuda_graphs_pads_with_an_example_of_its_own():
     assert cu[:5] == [0] + [sum(len(e.input_ids) for e in ex[:i + 1]) for i in range(3)] + [T] and set(cu[5:]) == {T}
     many = packing.collate(examples(11), pad_to=bucket_length)
     assert len(many["documents"].cu_seqlens) == 16 + 1
-    # the trainer pads a row coarser than a padded batch: 1024 tokens, past 16k 8 lengths per doubling
-    assert [packing.row_length(n) for n in (1, 1024, 1025, 4097, 16384, 20000)] == [1024, 1024, 2048, 5120,
-                                                                                     16384, 20480]
+    # the trainer pads a row coarser than a padded batch: 1024 tokens, past 16k 8 lengths per doubling; never past
+    # the rows' capacity (batch size x max length), so a run of short rows is not padded to 1024
+    assert [packing.row_length(n, 32768) for n in (1, 1024, 1025, 4097, 16384, 20000)] == [1024, 1024, 2048, 5120,
+                                                                                            16384, 20480]
+    assert packing.row_length(100, 512) == packing.row_length(512, 512) == 512 and packing.row_length(3000, 4000) == 3072
+    assert packing.row_length(3800, 4000) == 4000
 
 
 def test_deal_fills_rows_longest_first_within_the_capacity():

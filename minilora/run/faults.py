@@ -108,8 +108,8 @@ def oom_advice(cfg, step: int, error: str, longest: int | None, device, kept: Pa
         lines.append("    --offload   lean mode: the checkpointed layer inputs and the embedding table live in "
                      "host memory")
     if graphs:
-        lines.append("    --cuda-graphs off   the CUDA graphs' memory pool and their padding (up to 12.5% longer "
-                     "rows) go; measured ~0.6-0.8 GiB less, and slower on small models")
+        lines.append("    --cuda-graphs off   the CUDA graphs' memory pool and their padding go; measured ~0.6-0.8 "
+                     "GiB less, and slower on small models")
     lines.append(f"    --max-seq-len {max(8, seq // 2)}   activations grow with the tokens per batch; longer examples "
                  "are truncated (or --truncation drop); this one needs a new run")
     lines.append(f"  kept: {kept}; continue from it with --resume." if kept else "  no checkpoint was written yet.")

@@ -80,9 +80,11 @@ def check(cfg) -> None:
 
 def make_batch(examples, pad_id: int, device, padding_free: bool = False, pad_to=None, host_embedding=None) -> dict:
     """One micro-batch on `device`: padded to its longest example (or to `pad_to(longest)`), or end to end in
-    one row (padding_free.py; padded to `pad_to(its length)`). With the embedding table on the host (offload.py),
-    its rows are looked up here, while the ids are still on the host, and sent as `inputs_embeds`."""
-    b = pf.collate(examples, pad_id, pad_to) if padding_free else collate(examples, pad_id, pad_to)
+    one row (padding_free.py; padded to `pad_to(its length)`, attention by flash's variable-length kernel where
+    the device has it). With the embedding table on the host (offload.py), its rows are looked up here, while
+    the ids are still on the host, and sent as `inputs_embeds`."""
+    b = (pf.collate(examples, pad_id, pad_to, flash=pf.flash_available(device)) if padding_free
+         else collate(examples, pad_id, pad_to))
     if host_embedding is not None:
         b["inputs_embeds"] = host_embedding(b["input_ids"])
     return {k: v.to(device) for k, v in b.items()}
@@ -135,9 +137,11 @@ class Speed:
         return [self.make_batch(mb, pad_id) for mb in micro_batches]
 
     def make_batch(self, examples, pad_id: int, training: bool = True) -> dict:
-        """A micro-batch as these choices want it: padded to few lengths for the CUDA graphs (training only), or
-        padding-free, with its embedding rows looked up on the host in lean mode."""
-        pad_to = (pf.row_length if self.padding_free else bucket_length) if self.graphs and training else None
+        """A micro-batch as these choices want it: padded or padding-free; under CUDA graphs (training only) padded
+        to few lengths; with its embedding rows looked up on the host in lean mode."""
+        pad_to = None
+        if self.graphs and training:
+            pad_to = functools.partial(pf.row_length, capacity=self.row_tokens) if self.padding_free else bucket_length
         return make_batch(examples, pad_id, self.device, self.padding_free, pad_to, self.host_embedding)
 
     def record(self, step, params: list[torch.Tensor], scaler=None):
@@ -155,10 +159,16 @@ def configure(cfg, device, world: int = 1) -> Speed:
     """Every automatic choice, from the flags (a TrainConfig, or anything with its fields) and the device."""
     device = torch.device(device)
     cuda = device.type == "cuda"
-    asked, recorded = _asked(cfg), graphs(cfg, device, world)
+    asked, recorded, flash = _asked(cfg), graphs(cfg, device, world), pf.flash_available(device)
+    padding_free = cfg.padding_free == "on" or (cfg.padding_free == "auto" and recorded and flash)
+    if padding_free and recorded and not flash:  # SDPA one example at a time reads the bounds on the host
+        if cfg.cuda_graphs == "on":
+            raise UsageError("--padding-free on under --cuda-graphs on needs flash attention's variable-length "
+                             f"kernel, which {torch.cuda.get_device_name(device)} lacks (compute capability 8.0 or "
+                             "more); drop one of the two.")
+        recorded = False
     return Speed(device=device, recompute=cfg.gradient_checkpointing or cfg.offload,
-                 keep_activations=cfg.keep_activations, offload=cfg.offload,
-                 padding_free=cfg.padding_free == "on" or (cfg.padding_free == "auto" and recorded),
+                 keep_activations=cfg.keep_activations, offload=cfg.offload, padding_free=padding_free,
                  row_tokens=cfg.batch_size * cfg.max_seq_len, deal=not asked["fsdp"],
                  swap_mlp=not asked["fsdp"], triton=cuda and nf4_triton.triton is not None,
                  compile=not asked["fsdp"] and (cfg.compile == "on" or (cfg.compile == "auto" and cuda)),

@@ -8,7 +8,7 @@ its gradient are exactly the padded batches':
 
 - positions restart at 0 at each example, so RoPE turns every token by the same angle;
 - attention is causal inside each example and blind across examples (a block-diagonal causal
-  mask). On a GPU in bf16 it is one call of flash attention's variable-length kernel over the row, which
+  mask). On an Ampere or newer GPU it is one call of flash attention's variable-length kernel over the row, which
   reads the examples' bounds from a tensor (cu_seqlens); on the CPU, SDPA one example at a time.
   No T x T mask is ever built;
 - the label of each example's first token is IGNORE, so the last token of one example is not
@@ -40,32 +40,36 @@ MIN_SLOTS = 8  # cu_seqlens holds a power of two of examples, at least this many
 ROW_MULTIPLE = 1024  # under CUDA graphs a row is padded to a multiple of this (past 16k tokens, 8 per doubling)
 
 
-def row_length(n: int) -> int:
-    """The length a padding-free row of n tokens is padded to under CUDA graphs. Coarser than a padded batch's
+def row_length(n: int, capacity: int) -> int:
+    """The length a padding-free row of n tokens (of at most `capacity`) is padded to under CUDA graphs: a multiple
+    of ROW_MULTIPLE, but never past the capacity, so that short rows are not padded to 1024. Coarser than a padded batch's
     buckets (graphs.bucket_length): dealt rows are nearly full, so only a step's last row varies, and each new
     length costs a recording (a warm-up pass and a capture) that a short run cannot win back. At 1024 tokens the
     1.5B job's epoch takes 4 lengths and 9% padding, at 256 13 lengths and 4% (bench/NOTES.md, section 15)."""
     step = max(ROW_MULTIPLE, 1 << max(0, (n - 1).bit_length() - 4))
-    return -(-n // step) * step
+    return min(-(-n // step) * step, max(n, capacity))
 
 
 @dataclass(frozen=True)
 class Documents:
     """Where a row's examples start: passed to the model in place of an attention mask.
 
-    cu_seqlens: (S + 1,) int32, 0, the cumulative lengths, then the row's length repeated (empty slots)."""
+    cu_seqlens: (S + 1,) int32, 0, the cumulative lengths, then the row's length repeated (empty slots).
+    flash: attend with flash attention's variable-length kernel (a CUDA GPU of compute capability 8 or more,
+    in bf16 or fp16); otherwise SDPA one example at a time."""
 
     cu_seqlens: torch.Tensor
+    flash: bool = False
 
     def to(self, device, non_blocking: bool = False) -> Documents:
-        return Documents(self.cu_seqlens.to(device, non_blocking=non_blocking))
+        return Documents(self.cu_seqlens.to(device, non_blocking=non_blocking), self.flash)
 
     def clone(self) -> Documents:
-        return Documents(self.cu_seqlens.clone())
+        return Documents(self.cu_seqlens.clone(), self.flash)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> torch.Tensor:
         """Block-diagonal causal attention over (1, heads, T, head_dim) tensors."""
-        if q.is_cuda and q.dtype == torch.bfloat16:  # flash needs Ampere or later, where the trainer runs in bf16
+        if self.flash:
             qt, kt, vt = (t[0].transpose(0, 1).contiguous() for t in (q, k, v))  # (T, heads, head_dim)
             T = q.shape[2]
             out, _ = varlen_attention(qt, kt, vt, self.cu_seqlens, T)
@@ -146,7 +150,14 @@ def deal(examples: list, capacity: int) -> list[list]:
     return rows
 
 
-def collate(examples, pad_id: int = 0, pad_to=None) -> dict:
+def flash_available(device) -> bool:
+    """Whether flash attention's kernels run on `device`: a CUDA GPU of compute capability 8.0 (Ampere) or more.
+    (torch reports bf16 on older GPUs too, emulated, so the dtype does not tell.)"""
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def collate(examples, pad_id: int = 0, pad_to=None, flash: bool = False) -> dict:
     """One row of all the examples' tokens: input_ids, labels, positions (1, T) and the Documents. With
     `pad_to` (CUDA graphs), the row is padded to pad_to(length), and cu_seqlens to a power-of-two count."""
     ids, labels, positions, bounds = [], [], [], [0]
@@ -166,4 +177,4 @@ def collate(examples, pad_id: int = 0, pad_to=None) -> dict:
         bounds += [T] * (slots + 1 - len(bounds))
     return {"input_ids": torch.tensor(ids).unsqueeze(0), "labels": torch.tensor(labels).unsqueeze(0),
             "positions": torch.tensor(positions).unsqueeze(0),
-            "documents": Documents(torch.tensor(bounds, dtype=torch.int32))}
+            "documents": Documents(torch.tensor(bounds, dtype=torch.int32), flash)}
