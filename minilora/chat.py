@@ -34,6 +34,7 @@ the whole text at once would let BPE merge across a boundary ('<think>\\n' + '\\
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,6 +141,19 @@ def read_template(path: str) -> str:
     except jinja2.TemplateSyntaxError as e:
         raise ChatError(f"{path}:{e.lineno}: the chat template does not parse: {e.message}.") from None
     return source
+
+
+def for_inference(source: str) -> str | None:
+    """The chat template a merged model should carry, given the one its adapter trained with; None: the base's.
+
+    The training variant of DeepSeek-R1-Distill's template (templates/) is None: for chatting it renders what
+    the base's own renders (it differs in the turn being trained), and the base's is the one llama.cpp and
+    Ollama know. Any other template is kept, its `{% generation %}` marks made plain `{% if true %}` blocks:
+    they only mark what to train, and not every Jinja engine knows the tag (whitespace control kept)."""
+    if source.strip() == (TEMPLATES_DIR / VARIANT).read_text(encoding="utf-8").strip():
+        return None
+    source = re.sub(r"\{%(-?)\s*generation\s*(-?)%\}", r"{%\1 if true \2%}", source)
+    return re.sub(r"\{%(-?)\s*endgeneration\s*(-?)%\}", r"{%\1 endif \2%}", source)
 
 
 def generation_prompt(tok: Tokenizer) -> str:

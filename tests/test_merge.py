@@ -281,3 +281,42 @@ def test_merged_adapter_loads_back_unmerged_equivalently(tmp_path):
         ref = PeftModel.from_pretrained(hf_model(base), adapter).merge_and_unload()(IDS).logits
         torch.testing.assert_close(hf_model(out)(IDS).logits, ref, atol=1e-4, rtol=0)
         torch.testing.assert_close(ours(IDS), ref, atol=1e-4, rtol=0)
+
+
+# a ChatML template marked for training, as trl's training templates are: {% generation %} around what is trained
+TRAINED_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}"
+                    "{% if m['role'] == 'assistant' %}{%- generation -%}{{ m['content'] + '<|im_end|>' }}"
+                    "{%- endgeneration %}{% else %}{{ m['content'] + '<|im_end|>' }}{% endif %}{{ '\\n' }}{% endfor %}"
+                    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_merge_carries_the_template_the_adapter_trained_with(tmp_path):
+    """A chat adapter keeps its training template (adapter/chat_template.jinja); the merged folder's tokenizer files
+    and the GGUF written from them carry it, with its {% generation %} marks made plain blocks, rendering the same
+    text. minilora's own variant of DeepSeek-R1-Distill's template leaves the base's in place."""
+    import gguf
+
+    from minilora.chat import TEMPLATES_DIR, VARIANT
+    from minilora.tokenizer import Tokenizer
+
+    base, adapter, _ = make_adapter(tmp_path)
+    (adapter / "chat_template.jinja").write_text(TRAINED_TEMPLATE, encoding="utf-8")
+    out = merge(base, adapter, tmp_path / "merged", dtype="fp32", gguf="f16", progress=False)
+    carried = (out / "chat_template.jinja").read_text(encoding="utf-8")
+    assert "{%- generation" not in carried and "endgeneration" not in carried
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == carried
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "2+2?"}]
+    trained, merged = Tokenizer(base), Tokenizer(out)
+    trained.set_chat_template(TRAINED_TEMPLATE)
+    for gen in (False, True):
+        assert merged.apply_chat_template(chat, add_generation_prompt=gen) == \
+            trained.apply_chat_template(chat, add_generation_prompt=gen)
+    assert merged.apply_chat_template(chat, add_generation_prompt=True).endswith("2+2?<|im_end|>\n<|im_start|>assistant\n")
+    header = gguf.GGUFReader(str(out / "merged-f16.gguf"))
+    assert header.fields["tokenizer.chat_template"].contents() == carried
+    assert "<|im_start|>" in (out / "Modelfile").read_text()  # ChatML, recognised by its rendering (modelfile.py)
+
+    (adapter / "chat_template.jinja").write_text((TEMPLATES_DIR / VARIANT).read_text(encoding="utf-8"))
+    out = merge(base, adapter, tmp_path / "merged-r1", dtype="fp32", progress=False)
+    assert not (out / "chat_template.jinja").exists()
+    assert (out / "tokenizer_config.json").read_bytes() == (base / "tokenizer_config.json").read_bytes()

@@ -15,7 +15,9 @@ whole model, so a 14B model merges on a machine with far less RAM than its 28 GB
 
 The output is a Hugging Face folder that transformers, vLLM and llama.cpp's converter read:
 config.json (torch_dtype set), model-0000i-of-0000n.safetensors + model.safetensors.index.json,
-and the tokenizer files. It is written under a temporary name and renamed into place (atomic.py).
+and the tokenizer files. A chat adapter's template (the one it trained with, adapter/chat_template.jinja)
+replaces the base's, unless it is minilora's training variant of the base's own (chat.for_inference). It is
+written under a temporary name and renamed into place (atomic.py).
 Optionally a GGUF file (gguf.py's write_gguf: f16 to q4_k_m) and an Ollama Modelfile for it (modelfile.py)
 go into the same folder, and the folder to the hub.
 
@@ -48,8 +50,9 @@ import torch
 from huggingface_hub.utils import tqdm
 from safetensors.torch import save_file
 
-from ..adapter import adapter_scale, check_adapter_base, read_adapter_config, read_adapter_tensors
+from ..adapter import CHAT_TEMPLATE, adapter_scale, check_adapter_base, read_adapter_config, read_adapter_tensors
 from ..atomic import atomic_dir
+from ..chat import for_inference
 from ..checkpoint import count_tensors, is_rope_table, iter_tensors, resolve_model, safetensors_files
 from ..nf4 import NF4Linear
 from .gguf import GGUF_OUT_TYPES, write_gguf
@@ -222,6 +225,7 @@ def merge(model: str | Path, adapter: str | Path, output_dir: str | Path, *, dty
         for f in TOKENIZER_FILES:
             if (base / f).is_file():
                 shutil.copyfile(base / f, tmp / f)
+        carry_chat_template(adapter, tmp)
         if gguf:
             path = write_gguf(tmp, tmp / f"{out.name}-{gguf}.gguf", gguf, progress=progress, name=out.name)
             try:  # the chat template in Ollama's terms, beside the file (modelfile.py)
@@ -231,6 +235,27 @@ def merge(model: str | Path, adapter: str | Path, output_dir: str | Path, *, dty
     if push_to_hub_id:
         print(f"pushed to {push_to_hub(out, push_to_hub_id, private=private)}")
     return out
+
+
+def carry_chat_template(adapter: Path, folder: Path) -> None:
+    """The adapter's chat template into the merged folder's tokenizer files, where every reader finds it:
+    chat_template.jinja, and tokenizer_config.json's chat_template when it has one (read first by transformers'
+    older releases, tokenizer.py and the GGUF writer)."""
+    trained = adapter / CHAT_TEMPLATE
+    template = for_inference(trained.read_text(encoding="utf-8")) if trained.is_file() else None
+    if template is None:
+        return
+    (folder / CHAT_TEMPLATE).write_text(template, encoding="utf-8")
+    config = folder / "tokenizer_config.json"
+    if config.is_file():
+        tc = json.loads(config.read_text(encoding="utf-8"))
+        named = tc.get("chat_template")
+        if isinstance(named, list):  # [{"name": "default", "template": ...}, ...]: the default is the chat's
+            named = [{**t, "template": template} if t.get("name") == "default" else t for t in named]
+        if named is not None:
+            tc["chat_template"] = named if isinstance(named, list) else template
+            config.write_text(json.dumps(tc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"chat template: the adapter's ({trained}), the one it was trained with")
 
 
 def build_parser() -> argparse.ArgumentParser:
