@@ -9,10 +9,11 @@ the profiles). A CUDA graph records the kernels once, arguments and addresses in
 micro-step (train.micro_step): the same function the loop calls without graphs.
 
 What a recording needs, and how it gets it here:
-- Fixed shapes and addresses. Each micro-batch shape (B, T; with its inputs' other shapes) gets its own graph, reading static input
-  tensors that each batch is copied into; batches are padded to `bucket_length(T)` (a multiple of
-  256; past 2048 tokens, 8 lengths per doubling), so a data set needs a handful of graphs (a
-  padding-free row, padding_free.py, adds its positions and example bounds, in a few sizes). They share
+- Fixed shapes and addresses. Each micro-batch shape (B, T, and its other inputs' shapes) gets its own
+  graph, reading static input tensors that each batch is copied into; batches are padded to
+  `bucket_length(T)` (a multiple of 256; past 2048 tokens, 8 lengths per doubling), so a data set needs
+  a handful of graphs (a padding-free row, padding_free.py, is padded to a multiple of 1024 and adds its
+  positions and example bounds, in a few sizes). They share
   one memory pool: they run one at a time, and what one leaves behind (the loss) is read before the
   next runs.
 - Nothing that waits for the GPU inside: the loss keeps every position, unlabelled ones weighing 0
