@@ -33,6 +33,10 @@ import os, runpy, signal, sys, time
 from pathlib import Path
 import torch
 
+# Ctrl-C as in a terminal: a job started in the background of a script (as CI may start the tests) inherits
+# SIGINT ignored, and Python then installs no KeyboardInterrupt handler, so the test's SIGINT would do nothing.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 action, at = os.environ["FAULT"].split(":")
 at = int(at)
 calls = 0
