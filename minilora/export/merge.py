@@ -249,11 +249,12 @@ def carry_chat_template(adapter: Path, folder: Path) -> None:
     config = folder / "tokenizer_config.json"
     if config.is_file():
         tc = json.loads(config.read_text(encoding="utf-8"))
-        named = tc.get("chat_template")
-        if isinstance(named, list):  # [{"name": "default", "template": ...}, ...]: the default is the chat's
-            named = [{**t, "template": template} if t.get("name") == "default" else t for t in named]
-        if named is not None:
-            tc["chat_template"] = named if isinstance(named, list) else template
+        old = tc.get("chat_template")
+        if isinstance(old, list):  # [{"name": "default", "template": ...}, ...]: the default is the chat's
+            tc["chat_template"] = [{**t, "template": template} if t.get("name") == "default" else t for t in old]
+        elif old is not None:
+            tc["chat_template"] = template
+        if old is not None:
             config.write_text(json.dumps(tc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"chat template: the adapter's ({trained}), the one it was trained with")
 

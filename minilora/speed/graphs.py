@@ -47,11 +47,12 @@ class GraphRecordingError(RuntimeError):
     """A CUDA graph could not be recorded; the trainer saves a checkpoint and stops with advice."""
 
 
-def bucket_length(T: int) -> int:
+def bucket_length(T: int, multiple: int = PAD_MULTIPLE) -> int:
     """The length a micro-batch of longest example T is padded to, so that few shapes are recorded: a
     multiple of 256, and past 2048 tokens a multiple of 1/16 of the next power of two (8 lengths per
-    doubling, at most 12.5% padding): 8 graphs up to 2048 tokens, 16 up to 4096, 64 up to 256k."""
-    step = max(PAD_MULTIPLE, 1 << max(0, (T - 1).bit_length() - 4))
+    doubling, at most 12.5% padding): 8 graphs up to 2048 tokens, 16 up to 4096, 64 up to 256k.
+    (padding_free.py's rows use multiple=1024, and so 8 lengths per doubling past 16k.)"""
+    step = max(multiple, 1 << max(0, (T - 1).bit_length() - 4))
     return -(-T // step) * step
 
 
@@ -71,7 +72,7 @@ class GraphedMicroBatches:
 
     def __init__(self, step, params: list[torch.Tensor], warmup: int = 2):
         self.step, self.params, self.warmup = step, params, warmup
-        self.recorded: dict[tuple, tuple] = {}  # the inputs' shapes -> (graph, static batch, scale, loss_sum)
+        self.recorded: dict[tuple, tuple] = {}  # the inputs' shapes -> (graph, static inputs, scale, loss_sum)
         self.pool = torch.cuda.graph_pool_handle()
         self.grads = [torch.zeros_like(p) for p in params]
 
@@ -82,7 +83,7 @@ class GraphedMicroBatches:
         if shape not in self.recorded:
             self.recorded[shape] = self._record(batch, inv_n)
         graph, static, scale, loss_sum = self.recorded[shape]
-        for k, t in replay_inputs(static).items():
+        for k, t in static.items():
             t.copy_(inputs[k], non_blocking=True)
         scale.fill_(inv_n)
         graph.replay()
@@ -120,4 +121,4 @@ class GraphedMicroBatches:
         finally:
             for g, s in zip(self.grads, saved):
                 g.copy_(s)
-        return graph, static, scale, loss_sum
+        return graph, replay_inputs(static), scale, loss_sum

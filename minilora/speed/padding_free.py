@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..loss import IGNORE
+from .graphs import bucket_length
 
 MIN_SLOTS = 8  # cu_seqlens holds a power of two of examples, at least this many: few shapes to record
 ROW_MULTIPLE = 1024  # under CUDA graphs a row is padded to a multiple of this (past 16k tokens, 8 per doubling)
@@ -45,9 +46,9 @@ def row_length(n: int, capacity: int) -> int:
     multiple of ROW_MULTIPLE, never past the capacity (short rows are not padded to 1024). Coarser than a padded
     batch's buckets (graphs.bucket_length): dealt rows are nearly full, so only a step's last row varies, and each new
     length costs a recording (a warm-up pass and a capture) that a short run cannot win back. At 1024 tokens the
-    1.5B job's epoch takes 4 lengths and 9% padding, at 256 13 lengths and 4% (bench/NOTES.md, section 15)."""
-    step = max(ROW_MULTIPLE, 1 << max(0, (n - 1).bit_length() - 4))
-    return min(-(-n // step) * step, max(n, capacity))
+    1.5B job's epoch takes 4 lengths and 9% padding, at 256 13 lengths and 4%
+    (bench/results/padding_free_rows-simulation.txt)."""
+    return min(bucket_length(n, ROW_MULTIPLE), max(n, capacity))
 
 
 @dataclass(frozen=True)
@@ -141,10 +142,10 @@ def deal(examples: list, capacity: int) -> list[list]:
     rows, room = [], []
     for e in sorted(examples, key=lambda e: -len(e.input_ids)):
         n = len(e.input_ids)
-        i = next((i for i, r in enumerate(room) if n <= r), None)
-        if i is None:
-            rows.append([]), room.append(capacity)
-            i = len(rows) - 1
+        i = next((i for i, r in enumerate(room) if n <= r), len(rows))
+        if i == len(rows):  # no row has room: a new one
+            rows.append([])
+            room.append(capacity)
         rows[i].append(e)
         room[i] -= n
     return rows
