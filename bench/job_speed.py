@@ -6,11 +6,16 @@ script runs that job once per stack, each in its own process, on the same checkp
 
 - `minilora`: `python -m minilora.train --data records.jsonl` (its defaults are the seeds' settings);
   `minilora-padded` adds `--padding-free off` (each micro-batch padded to its longest, as before the
-  padding-free rows), `minilora-grouped` `--group-by-length`, `minilora-nocompile` `--compile off`, `minilora-eager`
+  padding-free rows), `minilora-compiled` `--compile on` (auto leaves a run under 1M tokens eager),
+  `minilora-grouped` `--group-by-length`, `minilora-nocompile` `--compile off`, `minilora-eager`
   `--compile off --cuda-graphs off`; `baseline` is minilora from the folder --baseline names (another
   checkout, for a before/after in one run). Each stack starts with empty compile caches of its own
   (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR), as on a fresh machine; a stack named twice runs twice, and
-  the second run finds the caches the first left: the warm start of a user's second job;
+  the second run finds the caches the first left: the warm start of a user's second job. Python's
+  bytecode, though, is warm for every stack: pip compiles each package's .pyc as it installs it, but the
+  GPU machine's packages come without them and cannot keep them, so every process would compile ~3,000
+  modules from source (8-12 s; bench/NOTES.md, section 16). Before the stacks run, `compileall` writes
+  the bytecode of everything on sys.path into a cache (PYTHONPYCACHEPREFIX) that every stack reads;
 - `trl`: transformers + bitsandbytes NF4 + trl's SFTTrainer with a peft LoraConfig, as the seeds set it up;
 - `unsloth`: unsloth's FastLanguageModel (get_peft_model, its "unsloth" checkpointing) with the same SFTTrainer.
 
@@ -63,7 +68,8 @@ if str(ROOT) not in sys.path:
 from bench.stacks import TARGETS  # noqa: E402  (the seven projections, as every bench stack adapts them)
 from minilora.loss import IGNORE  # noqa: E402  (-100, the label transformers and trl mask with too)
 
-MINILORA_FLAGS = {"minilora": [], "minilora-padded": ["--padding-free", "off"],
+MINILORA_FLAGS = {"minilora": [], "minilora-compiled": ["--compile", "on"],
+                  "minilora-padded": ["--padding-free", "off"],
                   "minilora-grouped": ["--group-by-length"], "minilora-nocompile": ["--compile", "off"],
                   "minilora-eager": ["--compile", "off", "--cuda-graphs", "off"], "baseline": []}
 STACKS = (*MINILORA_FLAGS, "trl", "unsloth")
@@ -129,7 +135,8 @@ def minilora_result(run: Path, skip: int) -> dict:
 def run_stack(stack: str, a, folder: Path, records: Path, tokens: Path, work: Path, env: dict, i: int) -> dict:
     out = work / f"run-{i}-{stack}"
     if stack in MINILORA_FLAGS:
-        cmd = [sys.executable, "-m", "minilora.train", "--model", str(folder), "--data", str(records),
+        profile = ["-m", "cProfile", "-o", str(work / f"{i}-{stack}.prof")] if a.profile else []
+        cmd = [sys.executable, *profile, "-m", "minilora.train", "--model", str(folder), "--data", str(records),
                "--template", "r1", "--eval-fraction", "0", "--log-every", "1", "--device", a.device,
                "--output-dir", str(out), *MINILORA_FLAGS[stack]]
     else:
@@ -156,12 +163,40 @@ def run_stack(stack: str, a, folder: Path, records: Path, tokens: Path, work: Pa
     if not adapter.is_file():
         return {"error": f"no adapter at {adapter}", "wall_s": wall}
     row = {"wall_s": wall, "adapter_s": adapter.stat().st_mtime - t0}
+    if a.profile and stack in MINILORA_FLAGS:
+        write_profile(work / f"{i}-{stack}.prof", Path(a.profile) / f"profile-{a.shape}-{i}-{stack}.txt")
     try:
         row.update(minilora_result(out, a.skip) if stack in MINILORA_FLAGS
                    else json.loads((out / "result.json").read_text()))
     except (OSError, KeyError, ValueError, IndexError) as e:  # e.g. a --baseline older than real_tokens/elapsed_s
         row["error"] = f"could not read the run's figures: {type(e).__name__}: {e}"
     return row
+
+
+def write_profile(prof: Path, txt: Path, top: int = 70):
+    """cProfile's view of a minilora run, by cumulative time: where its seconds before and between steps go.
+    (cProfile slows pure-Python work, such as torch.compile's tracing, more than GPU waits: compare shares.)"""
+    import io
+    import pstats
+
+    txt.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    stats = pstats.Stats(str(prof), stream=buf)
+    stats.sort_stats("cumulative").print_stats(top)
+    stats.sort_stats("tottime").print_stats(top // 2)
+    txt.write_text(buf.getvalue())
+
+
+def warm_bytecode(env: dict) -> float:
+    """Byte-compile every package the stacks can import into env's PYTHONPYCACHEPREFIX, as pip's install does in
+    place (see the top); returns the seconds it took."""
+    t = time.perf_counter()
+    paths = subprocess.run([sys.executable, "-c", "import json, sys; print(json.dumps(sys.path))"], env=env,
+                           capture_output=True, text=True, check=True).stdout
+    dirs = [d for d in json.loads(paths) if d and Path(d).is_dir()]
+    # -qq: some packages ship files that are not Python 3 (templates, tests); they are skipped, as pip skips them
+    subprocess.run([sys.executable, "-m", "compileall", "-qq", "-j", "0", *dirs], env=env)
+    return time.perf_counter() - t
 
 
 # ----------------------------------------------------------------------------- the peers' process
@@ -263,6 +298,10 @@ def main(argv=None):
     p.add_argument("--device", default="cuda")
     p.add_argument("--baseline", default="", metavar="DIR", help="for the stack `baseline`: a folder holding "
                    "another minilora package (e.g. `git archive OLD minilora | tar -x -C DIR`)")
+    p.add_argument("--profile", default="", metavar="DIR", help="run each minilora stack under cProfile and write "
+                   "its top functions by cumulative time to DIR/profile-SHAPE-I-STACK.txt")
+    p.add_argument("--cold-bytecode", action="store_true", help="leave Python's bytecode as the machine has it "
+                   "(see the top; the job figures before 2026-12-04 were taken so), and skip the minute it takes")
     p.add_argument("--timeout", type=float, default=600, help="seconds per stack before it is stopped")
     p.add_argument("--out", default="bench/results/job_speed.jsonl", help="JSON lines, appended")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
@@ -297,7 +336,8 @@ def main(argv=None):
     work = Path(tempfile.mkdtemp(prefix="minilora-job-"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(work / "hf")}
+           "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(work / "hf"),
+           **({} if a.cold_bytecode else {"PYTHONPYCACHEPREFIX": str(work / "bytecode")})}
     if a.device == "cpu":  # trl's SFTTrainer computes its loss in Triton kernels; on a CPU, Triton's interpreter
         env["TRITON_INTERPRET"] = "1"
     rows = []
@@ -309,6 +349,8 @@ def main(argv=None):
         if len(ex) != a.examples:
             raise SystemExit(f"{len(ex)} of {a.examples} records became examples; lower --lengths' HI")
         tokens.write_text("".join(json.dumps(r) + "\n" for r in ex))
+        if not a.cold_bytecode:
+            print(f"bytecode of every package on sys.path compiled in {warm_bytecode(env):.1f} s", flush=True)
         want = expected_counts(ex)
         print(f"{len(ex)} examples, {want['real_tokens']:,} tokens, {want['label_tokens']:,} label tokens", flush=True)
         for i, stack in enumerate(stacks):

@@ -69,6 +69,11 @@ def train(cfg: TrainConfig) -> dict:
     dp.check_same_everywhere(asdict(cfg), train_set)  # every rank: same flags, same data, or a clear stop
     pad_id = D.pad_id_for(tok)
     demo_eval = demo[1] if demo else None  # the demo's held-out questions: its accuracy before and after
+    per_step = cfg.batch_size * cfg.grad_accum * dp.world()  # examples per optimizer step, all ranks together
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train_set) / per_step))
+    mean_length = sum(len(e.input_ids) for e in train_set) / len(train_set)
+    if note := fast.fit_to_run(cfg, round(total_steps * per_step * mean_length / dp.world())):  # --compile auto
+        print(note)
     start_up["data"] = time.perf_counter() - STARTED
 
     # ---- the model: the 4-bit base, LoRA on --targets, the speed machinery; the optimizer
@@ -80,8 +85,6 @@ def train(cfg: TrainConfig) -> dict:
     optimizer, scaler = make_optimizer(params, cfg), make_scaler(dtype, device)
     micro = fast.record(functools.partial(micro_step, model, autocast=autocast, loss=fast.loss, scaler=scaler),
                         params, scaler)  # one micro-batch's forward and backward; replayed from a CUDA graph maybe
-    per_step = cfg.batch_size * cfg.grad_accum * dp.world()  # examples per optimizer step, all ranks together
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train_set) / per_step))
     state = start(out, resume, model, optimizer, scaler)  # step 0, or where the checkpoint left off
     lengths = [len(e.input_ids) for e in train_set] if cfg.group_by_length else None
     report = {"eval_loss_before": None, "start_up_s": start_up}  # report.json: what train() returns

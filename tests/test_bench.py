@@ -272,7 +272,8 @@ def test_job_speed_trains_minilora_and_trl_on_the_same_tokens(tmp_path):
     out = tmp_path / "job.jsonl"
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "job_speed.py"), "--shape", "tiny", "--device", "cpu",
                         "--stacks", "minilora,trl", "--examples", "16", "--lengths", "20:60", "--skip", "1",
-                        "--out", str(out)], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+                        "--cold-bytecode", "--out", str(out)],
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [row["stack"] for row in rows] == ["minilora", "trl"]

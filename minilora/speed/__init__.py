@@ -10,7 +10,7 @@ refusing a combination that cannot work with the reason; `.attach(model)` then a
     Triton dequantize  nf4_triton.py       nf4.faster_dequantize                    a CUDA GPU with Triton
     folded gate/up     mlp.py              each layer's MLP, swapped (same names)   training, unless --fsdp
     long-sequence MLP  mlp.py              the same swap                            past 32k tokens, unless --fsdp
-    compile            compile.py          each decoder layer, the loss's chunks    --compile auto: on CUDA
+    compile            compile.py          each decoder layer, the loss's chunks    --compile auto: long runs on CUDA
     CUDA graphs        graphs.py           the micro-step, recorded and replayed    --cuda-graphs auto: see `graphs`
     padding-free       padding_free.py     the batches: rows without pad tokens     --padding-free auto: with graphs
     flat optimizer     flat_optimizer.py   what AdamW steps: one tensor             always
@@ -55,6 +55,10 @@ CLASHES = {
 GRAPH_AUTO_TOKENS = 32768
 # Compiled, a loss chunk holds no fp32 copy of its logits (loss.py), so its chunks can be twice as long.
 COMPILED_LOGIT_ELEMENTS = 2 * LOGIT_ELEMENTS
+# --compile auto compiles a run of at least this many tokens (per process) and leaves a shorter one eager. Compiling
+# costs ~10-16 s on a fresh machine (the compiler's first use, one layer graph, the loss's chunks) and saves a share
+# of every step after it; a run shorter than this ends sooner without (bench/NOTES.md, section 16, has the figures).
+COMPILE_AUTO_TOKENS = 1_000_000
 
 
 def _asked(cfg) -> dict[str, bool]:
@@ -129,6 +133,15 @@ class Speed:
                                           logit_elements=COMPILED_LOGIT_ELEMENTS)
         model.train()
         return flatten_for_optimizer([p for p in model.parameters() if p.requires_grad])
+
+    def fit_to_run(self, cfg, run_tokens: int) -> str | None:
+        """--compile auto, once the data are read: a run of fewer than COMPILE_AUTO_TOKENS tokens is not compiled.
+        Returns the line that tells the user so, or None."""
+        if cfg.compile != "auto" or not self.compile or run_tokens >= COMPILE_AUTO_TOKENS:
+            return None
+        self.compile = False
+        return (f"compile: off for this run ({run_tokens:,} tokens to train; compiling pays from about "
+                f"{COMPILE_AUTO_TOKENS:,}); --compile on compiles anyway")
 
     def make_batches(self, micro_batches: list[list], pad_id: int) -> list[dict]:
         """A step's micro-batches on the device; padding-free, its examples dealt into full rows (padding_free.py)."""
