@@ -337,7 +337,8 @@ def main(argv=None):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(work / "hf"),
-           **({} if a.cold_bytecode else {"PYTHONPYCACHEPREFIX": str(work / "bytecode")})}
+           **({} if a.cold_bytecode else  # one run's cache can serve the next: PYTHONPYCACHEPREFIX set already
+              {"PYTHONPYCACHEPREFIX": os.environ.get("PYTHONPYCACHEPREFIX") or str(work / "bytecode")})}
     if a.device == "cpu":  # trl's SFTTrainer computes its loss in Triton kernels; on a CPU, Triton's interpreter
         env["TRITON_INTERPRET"] = "1"
     rows = []

@@ -49,8 +49,8 @@ def _lora_model_on_gpu(folder, checkpointing, offload=False, graphs=False):
     return model, fast.attach(model), fast
 
 
-def _three_steps(folder, checkpointing, offload, mbs, pads, graphed, padding_free=False):
-    """Three optimizer steps over the micro-batches `mbs`, padded by pads[step]; losses, gradients, weights.
+def _steps(folder, checkpointing, offload, mbs, pads, graphed, padding_free=False):
+    """An optimizer step over the micro-batches `mbs` for each of `pads`, padded by it; losses, gradients, weights.
     padding_free: each step's examples dealt into rows of 64 tokens (speed/padding_free.py) instead."""
     import functools
 
@@ -65,8 +65,8 @@ def _three_steps(folder, checkpointing, offload, mbs, pads, graphed, padding_fre
     autocast = torch.autocast("cuda", dtype=torch.bfloat16)
     micro = fast.record(functools.partial(micro_step, model, autocast=autocast, loss=fast.loss), params)
     losses, grads = [], []
-    for step in range(3):
-        batches = [make_batch(mb, 0, "cuda", padding_free, pads[step], fast.host_embedding) for mb in mbs]
+    for pad in pads:
+        batches = [make_batch(mb, 0, "cuda", padding_free, pad, fast.host_embedding) for mb in mbs]
         loss, _ = train_step(model, batches, autocast, micro=micro)
         losses.append(loss)
         grads.append([p.grad.clone() for p in params])
@@ -93,16 +93,17 @@ def _multiple(m):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("mode", ["recompute", "no-recompute", "offload"])
 def test_graphed_steps_equal_eager_steps(tmp_path, mode):
-    """Three optimizer steps of 2 micro-batches, NF4 base, compiled layers, flat optimizer: losses,
-    gradients and weights as eager. Steps 1-2 pad both micro-batches to 256 (one recording, replayed);
-    step 3 pads to multiples of 16, so its second micro-batch is recorded after the first one's gradients
-    are in the buffers, which the recording's warm-up must leave as they were. offload: the layer inputs'
-    copies to host memory and back are in the recording, the embedding rows a static input."""
+    """Four optimizer steps of 2 micro-batches, NF4 base, compiled layers, flat optimizer: losses,
+    gradients and weights as eager. Steps 1-2 pad both micro-batches to 256: the first runs without a graph,
+    the second is recorded, the rest replayed. Steps 3-4 pad to multiples of 16, two new shapes, run as they
+    are in step 3 and recorded in step 4, the second after the first one's gradients are in the buffers, which
+    the recording must leave as they were. offload: the layer inputs' copies to host memory and back are in
+    the recording, the embedding rows a static input."""
     tiny_hf_model(tmp_path / "m", "llama", hidden_size=256, intermediate_size=512, vocab_size=512)
     ex = uneven_batch(n=8, vocab=512)
     mbs = [[ex[0], ex[7]], [ex[1], ex[2]]]  # longest 26 and 11 tokens
-    pads = [_multiple(256), _multiple(256), _multiple(16)]  # step 3: (2, 32) and (2, 16), both new
-    runs = [_three_steps(tmp_path / "m", mode != "no-recompute", mode == "offload", mbs, pads, graphed)
+    pads = [_multiple(256)] * 2 + [_multiple(16)] * 2  # steps 3-4: (2, 32) and (2, 16), both new
+    runs = [_steps(tmp_path / "m", mode != "no-recompute", mode == "offload", mbs, pads, graphed)
             for graphed in (False, True)]
     assert len(runs[1][3].recorded) == 3
     _assert_same(*runs)
@@ -111,16 +112,16 @@ def test_graphed_steps_equal_eager_steps(tmp_path, mode):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("mode", ["recompute", "offload"])
 def test_graphed_padding_free_rows_equal_eager_padded_steps(tmp_path, mode):
-    """The same three steps with each step's 4 examples (50 tokens) dealt into one padding-free row, flash
+    """The same four steps with each step's 4 examples (50 tokens) dealt into one padding-free row, flash
     attention's variable-length kernel inside. Replayed from graphs, they must equal the same rows run eagerly
-    (losses, gradients, weights); and those, the padded eager steps. Steps 1-2 pad the row to 256 tokens, step 3
-    to 64: two recordings."""
+    (losses, gradients, weights); and those, the padded eager steps. Steps 1-2 pad the row to 256 tokens, steps
+    3-4 to 64: two recordings, each of a shape's second micro-batch."""
     tiny_hf_model(tmp_path / "m", "llama", hidden_size=256, intermediate_size=512, vocab_size=512)
     ex = uneven_batch(n=8, vocab=512)
-    mbs, pads, lean = [[ex[0], ex[7]], [ex[1], ex[2]]], [_multiple(256)] * 2 + [_multiple(16)], mode == "offload"
-    padded = _three_steps(tmp_path / "m", True, lean, mbs, [None] * 3, graphed=False)
-    rows = _three_steps(tmp_path / "m", True, lean, mbs, pads, graphed=False, padding_free=True)
-    graphed = _three_steps(tmp_path / "m", True, lean, mbs, pads, graphed=True, padding_free=True)
+    mbs, pads, lean = [[ex[0], ex[7]], [ex[1], ex[2]]], [_multiple(256)] * 2 + [_multiple(16)] * 2, mode == "offload"
+    padded = _steps(tmp_path / "m", True, lean, mbs, [None] * 4, graphed=False)
+    rows = _steps(tmp_path / "m", True, lean, mbs, pads, graphed=False, padding_free=True)
+    graphed = _steps(tmp_path / "m", True, lean, mbs, pads, graphed=True, padding_free=True)
     assert len(graphed[3].recorded) == 2
     _assert_same(rows, graphed)
     # Against the padded steps, another attention kernel rounds bf16 otherwise: on an H200, 3 of 122,880 gradient
@@ -174,7 +175,7 @@ def test_graphed_steps_with_the_mlp_in_pieces(tmp_path, monkeypatch):
     ex = uneven_batch(n=8, vocab=512)
     mbs = [[ex[6], ex[7]]]  # 23 and 26 tokens, padded to 32: the MLP in four pieces of 8
     pads = [_multiple(32)] * 3
-    _assert_same(*(_three_steps(tmp_path / "m", True, False, mbs, pads, graphed) for graphed in (False, True)))
+    _assert_same(*(_steps(tmp_path / "m", True, False, mbs, pads, graphed) for graphed in (False, True)))
 
 
 def test_bucket_lengths():

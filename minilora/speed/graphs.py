@@ -27,13 +27,14 @@ What a recording needs, and how it gets it here:
   up on the host, are one more static input (`inputs_embeds`), copied in before each replay.
 - Gradients at fixed addresses: every trainable tensor's .grad is a static buffer that each replay
   adds into. `zero_grad(set_to_none=True)` drops them between steps; `__call__` puts them back, zeroed.
-- Warm-up before recording: two eager runs on a side stream compile the layers and create cuBLAS'
-  workspace, as PyTorch's CUDA-graph notes ask, with the gradients saved and put back around them.
-  A later shape needs one: the layers are compiled for every length, but the loss's last chunk may
-  still compile once for a new row count, which must not happen inside a recording.
+- Nothing run for the first time inside a recording: compiling, the Triton kernels' first build, cuBLAS'
+  workspace (PyTorch's CUDA-graph notes warm up before capturing for this). So a shape is recorded
+  the second time it comes, and the first time its micro-batch simply runs, as a step without graphs
+  would: that run is the warm-up, and its gradient counts. A shape that comes once is never recorded.
 
-Cost: each new shape costs one or two eager micro-batches and a recording, once; the pool keeps the memory
-of the recorded steps' activations between replays (bench/NOTES.md, section 9, has the figures).
+Cost: each shape that comes twice costs a recording (the step's Python run once, with no kernels), once;
+the pool keeps the memory of the recorded steps' activations between replays (bench/NOTES.md, sections
+9 and 16, have the figures).
 Reference: tests/test_graphs.py compares losses and LoRA gradients with the eager step on a GPU.
 """
 from __future__ import annotations
@@ -70,8 +71,9 @@ class GraphedMicroBatches:
     step's label tokens) from a recording of its shape; returns the batch's loss sum (a 0-dim tensor on the GPU,
     valid until the next call)."""
 
-    def __init__(self, step, params: list[torch.Tensor], warmup: int = 2):
-        self.step, self.params, self.warmup = step, params, warmup
+    def __init__(self, step, params: list[torch.Tensor]):
+        self.step, self.params = step, params
+        self.seen: set[tuple] = set()  # the shapes run once, without a graph (the warm-up above)
         self.recorded: dict[tuple, tuple] = {}  # the inputs' shapes -> (graph, static inputs, scale, loss_sum)
         self.pool = torch.cuda.graph_pool_handle()
         self.grads = [torch.zeros_like(p) for p in params]
@@ -81,6 +83,9 @@ class GraphedMicroBatches:
         inputs = replay_inputs(batch)
         shape = tuple((k, tuple(t.shape)) for k, t in inputs.items())
         if shape not in self.recorded:
+            if shape not in self.seen:  # its first time: run it as it is
+                self.seen.add(shape)
+                return self.step(batch, torch.full((), inv_n, dtype=torch.float32, device=inputs["input_ids"].device))
             self.recorded[shape] = self._record(batch, inv_n)
         graph, static, scale, loss_sum = self.recorded[shape]
         for k, t in static.items():
@@ -102,15 +107,8 @@ class GraphedMicroBatches:
         static = {k: v.clone() for k, v in batch.items()}  # tensors, and a padding-free row's Documents
         ids = static["input_ids"]
         scale = torch.full((), inv_n, dtype=torch.float32, device=ids.device)
-        saved = [g.clone() for g in self.grads]  # the warm-up adds into them; this micro-batch's replay will
         graph = torch.cuda.CUDAGraph()
-        try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # later shapes: compiled and warmed up already, one run is enough
-                for _ in range(self.warmup if len(self.recorded) == 0 else 1):
-                    self.step(static, scale)
-            torch.cuda.current_stream().wait_stream(side)
+        try:  # a recording runs no kernels: the gradients are left as they are, for the replay to add into
             with torch.cuda.graph(graph, pool=self.pool):
                 loss_sum = self.step(static, scale)
         except torch.OutOfMemoryError:
@@ -118,7 +116,4 @@ class GraphedMicroBatches:
         except RuntimeError as e:
             raise GraphRecordingError(f"recording a CUDA graph of a {tuple(ids.shape)} micro-batch failed: "
                                       f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
-        finally:
-            for g, s in zip(self.grads, saved):
-                g.copy_(s)
         return graph, replay_inputs(static), scale, loss_sum
