@@ -86,8 +86,8 @@ class TrainConfig:
     fsdp: bool = _f(False, "under torchrun: shard the frozen 4-bit base across the ranks with FSDP2, for models "
                            "too large for one GPU (LoRA stays replicated)")
     compile: str = _f("auto", "torch.compile each decoder layer (fuses norms, RoPE, SwiGLU; 1.5B: ~1.5x the tokens/s "
-                              "after ~10-16 s of compiling on a fresh machine); auto: on CUDA, for runs of 1M tokens "
-                              "or more (shorter ones end sooner without)",
+                              "after ~13 s of compiling on a fresh machine); auto: on CUDA, for runs long enough to "
+                              "repay it (parameters x tokens >= 2e15: ~1.1M tokens at 1.5B, ~250k at 8B)",
                       ("auto", "on", "off"))
     cuda_graphs: str = _f("auto", "replay each micro-batch's forward and backward from a CUDA graph: no per-kernel "
                                   "host cost (1.5B: 2.4x the tokens/s); pads lengths to a multiple of 256 (past 2048 "

@@ -42,7 +42,7 @@ from .checkpoint import default_dtype, load_model, pick_device, resolve_model
 from . import STARTED, config, speed
 from .config import TrainConfig, UsageError  # noqa: F401  (UsageError: what parse_config raises)
 from .loss import IGNORE, causal_lm_loss
-from .lora import apply_lora, describe_trainable
+from .lora import apply_lora, count_parameters, describe_trainable
 from .run.faults import TrainingStopped, bad_step, stop
 from .run.report import demo_report, plot_losses, print_demo_summary
 from .run.resume import SAVE_ERRORS, checkpoint, find_resume, prepare_output, rng_state, start, why
@@ -72,12 +72,11 @@ def train(cfg: TrainConfig) -> dict:
     per_step = cfg.batch_size * cfg.grad_accum * dp.world()  # examples per optimizer step, all ranks together
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train_set) / per_step))
     mean_length = sum(len(e.input_ids) for e in train_set) / len(train_set)
-    if note := fast.fit_to_run(cfg, round(total_steps * per_step * mean_length / dp.world())):  # --compile auto
-        print(note)
+    run_tokens = round(total_steps * per_step * mean_length / dp.world())  # this process's: for --compile auto
     start_up["data"] = time.perf_counter() - STARTED
 
     # ---- the model: the 4-bit base, LoRA on --targets, the speed machinery; the optimizer
-    model, params = build_model(cfg, model_path, device, fast)
+    model, params = build_model(cfg, model_path, device, fast, run_tokens)
     acfg = adapter_config(model, cfg.model or str(model_path), r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
                           rslora=cfg.rslora)
     dtype = default_dtype(device)  # one dtype policy: base weights in `dtype`, LoRA in fp32, matmuls under autocast
@@ -245,15 +244,17 @@ def model_and_demo(cfg: TrainConfig) -> tuple[Path, tuple[list[dict], list[dict]
     return model_path, demo_records(cfg.seed)
 
 
-def build_model(cfg: TrainConfig, model_path: Path, device: torch.device, fast: speed.Speed):
-    """The base model (NF4 unless --no-4bit), LoRA on --targets, the speed choices attached; --fsdp shards it.
-    Returns the model and what the optimizer steps."""
+def build_model(cfg: TrainConfig, model_path: Path, device: torch.device, fast: speed.Speed, run_tokens: int):
+    """The base model (NF4 unless --no-4bit), LoRA on --targets, the speed choices attached (compile, under auto, if
+    the run's `run_tokens` repay it); --fsdp shards it. Returns the model and what the optimizer steps."""
     mesh = dp.mesh(device) if cfg.fsdp else None
     model = load_model(model_path, device=device, dtype=default_dtype(device),
                        quantize=None if cfg.no_4bit else cfg.quant_type, trust_pickle=cfg.trust_pickle_files,
                        shard=(lambda q: dp.shard_nf4(q, mesh)) if mesh else None)
     targets = [t.strip() for t in cfg.targets.split(",") if t.strip()]
     apply_lora(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, rslora=cfg.rslora, targets=targets)
+    if note := fast.fit_to_run(cfg, run_tokens, count_parameters(model)[1]):
+        print(note)
     params = fast.attach(model)
     if mesh:
         dp.shard_root(model.model, mesh)  # the decoder stack: what training, eval and generation call

@@ -362,16 +362,20 @@ def test_group_by_length_trains_on_the_same_tokens(tmp_path):
 
 
 def test_compile_auto_leaves_a_short_run_eager(tmp_path, monkeypatch, capsys):
-    """--compile auto (speed.Speed.fit_to_run): a run of fewer than COMPILE_AUTO_TOKENS tokens is not compiled,
-    and the trainer says so with the run's token count, which is every token of its epoch here (checked against
-    the steps' own counts). `configure` is made to choose compile, as it does on a GPU."""
+    """--compile auto (speed.Speed.fit_to_run): a run too short to repay the compile (parameters x tokens under
+    COMPILE_AUTO_PARAM_TOKENS) is not compiled, and the trainer says so with the run's token count, which is every
+    token of its epoch here (checked against the steps' own counts). `configure` is made to choose compile, as it
+    does on a GPU."""
     from minilora import speed
 
     chosen = speed.configure
     monkeypatch.setattr(speed, "configure", lambda *a, **k: dataclasses.replace(chosen(*a, **k), compile=True))
     out = tmp_path / "run"
     T.train(T.parse_config(tiny_run_args(tmp_path, out, max_steps=0, epochs=1, dropout=0.0)))
+    printed = capsys.readouterr().out
     rows = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
     tokens = sum(r["real_tokens"] for r in rows)
-    assert len(rows) == 9 and tokens < speed.COMPILE_AUTO_TOKENS
-    assert f"compile: off for this run ({tokens:,} tokens to train" in capsys.readouterr().out
+    n_params = int(printed.split("all params: ")[1].split()[0].replace(",", ""))  # peft's line
+    assert len(rows) == 9 and tokens * n_params < speed.COMPILE_AUTO_PARAM_TOKENS
+    assert f"compile: off for this run ({tokens:,} tokens to train; for this model compiling pays from about " \
+           f"{round(speed.COMPILE_AUTO_PARAM_TOKENS / n_params):,})" in printed

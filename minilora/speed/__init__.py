@@ -55,10 +55,11 @@ CLASHES = {
 GRAPH_AUTO_TOKENS = 32768
 # Compiled, a loss chunk holds no fp32 copy of its logits (loss.py), so its chunks can be twice as long.
 COMPILED_LOGIT_ELEMENTS = 2 * LOGIT_ELEMENTS
-# --compile auto compiles a run of at least this many tokens (per process) and leaves a shorter one eager. Compiling
-# costs ~10-16 s on a fresh machine (the compiler's first use, one layer graph, the loss's chunks) and saves a share
-# of every step after it; a run shorter than this ends sooner without (bench/NOTES.md, section 16, has the figures).
-COMPILE_AUTO_TOKENS = 1_000_000
+# --compile auto compiles a run whose parameters x tokens (per process) reach this, and leaves a smaller one eager.
+# Compiling costs ~13 s on a fresh machine (the compiler's first use, one layer graph, the loss's chunks), whatever
+# the model, and saves a share of every step after it (1/3 at 1.5B, 1/4 at 8B). Measured break-evens (bench/NOTES.md,
+# section 16): ~900k tokens for the 1.5B model (1.6e15), ~360k for the 8B (2.9e15); this is ~1.1M and ~250k.
+COMPILE_AUTO_PARAM_TOKENS = 2e15
 
 
 def _asked(cfg) -> dict[str, bool]:
@@ -134,14 +135,15 @@ class Speed:
         model.train()
         return flatten_for_optimizer([p for p in model.parameters() if p.requires_grad])
 
-    def fit_to_run(self, cfg, run_tokens: int) -> str | None:
-        """--compile auto, once the data are read: a run of fewer than COMPILE_AUTO_TOKENS tokens is not compiled.
-        Returns the line that tells the user so, or None."""
-        if cfg.compile != "auto" or not self.compile or run_tokens >= COMPILE_AUTO_TOKENS:
+    def fit_to_run(self, cfg, run_tokens: int, n_params: int) -> str | None:
+        """--compile auto, once the run's length and the model are known: a run whose n_params x run_tokens is below
+        COMPILE_AUTO_PARAM_TOKENS is not compiled. Returns the line that tells the user so, or None."""
+        pays_from = round(COMPILE_AUTO_PARAM_TOKENS / n_params)  # tokens
+        if cfg.compile != "auto" or not self.compile or run_tokens >= pays_from:
             return None
         self.compile = False
-        return (f"compile: off for this run ({run_tokens:,} tokens to train; compiling pays from about "
-                f"{COMPILE_AUTO_TOKENS:,}); --compile on compiles anyway")
+        return (f"compile: off for this run ({run_tokens:,} tokens to train; for this model compiling pays from about "
+                f"{pays_from:,}); --compile on compiles anyway")
 
     def make_batches(self, micro_batches: list[list], pad_id: int) -> list[dict]:
         """A step's micro-batches on the device; padding-free, its examples dealt into full rows (padding_free.py)."""
