@@ -85,7 +85,7 @@ class TrainConfig:
     offload: bool = _f(False, "lean mode: keep checkpointed layer inputs and the embedding table in host memory")
     fsdp: bool = _f(False, "under torchrun: shard the frozen 4-bit base across the ranks with FSDP2, for models "
                            "too large for one GPU (LoRA stays replicated)")
-    compile: str = _f("auto", "torch.compile each decoder layer (fuses norms, RoPE, SwiGLU; 1.5B: ~1.5x the tokens/s "
+    compile: str = _f("auto", "torch.compile each decoder layer (fuses norms, RoPE, SwiGLU; 1.5B: ~1.4x the tokens/s "
                               "after ~13 s of compiling on a fresh machine); auto: on CUDA, for runs long enough to "
                               "repay it (parameters x tokens >= 2e15: ~1.1M tokens at 1.5B, ~250k at 8B)",
                       ("auto", "on", "off"))

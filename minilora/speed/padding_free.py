@@ -44,8 +44,8 @@ ROW_MULTIPLE = 1024  # under CUDA graphs a row is padded to a multiple of this (
 def row_length(n: int, capacity: int) -> int:
     """The length a padding-free row of n tokens (of at most `capacity`) is padded to under CUDA graphs: a
     multiple of ROW_MULTIPLE, never past the capacity (short rows are not padded to 1024). Coarser than a padded
-    batch's buckets (graphs.bucket_length): dealt rows are nearly full, so only a step's last row varies, and each new
-    length costs a recording (a warm-up pass and a capture) that a short run cannot win back. At 1024 tokens the
+    batch's buckets (graphs.bucket_length): dealt rows are nearly full, so only a step's last row varies, and each
+    length that comes again costs a recording that a short run cannot win back. At 1024 tokens the
     1.5B job's epoch takes 4 lengths and 9% padding, at 256 13 lengths and 4%
     (bench/results/padding_free_rows-simulation.txt)."""
     return min(bucket_length(n, ROW_MULTIPLE), max(n, capacity))
