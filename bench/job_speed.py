@@ -8,8 +8,8 @@ script runs that job once per stack, each in its own process, on the same checkp
   `minilora-padded` adds `--padding-free off` (each micro-batch padded to its longest, as before the
   padding-free rows), `minilora-compiled` `--compile on` (auto leaves a short run eager:
   speed.COMPILE_AUTO_PARAM_TOKENS), `minilora-grouped` `--group-by-length`, `minilora-nocompile`
-  `--compile off`, `minilora-eager` `--compile off --cuda-graphs off`; `baseline` is minilora from the folder --baseline names (another
-  checkout, for a before/after in one run). Each stack starts with empty compile caches of its own
+  `--compile off`, `minilora-eager` `--compile off --cuda-graphs off`; `baseline` is minilora from the
+  folder --baseline names (another checkout, for a before/after in one run). Each stack starts with empty compile caches of its own
   (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR), as on a fresh machine; a stack named twice runs twice, and
   the second run finds the caches the first left: the warm start of a user's second job. Python's
   bytecode, though, is warm for every stack: pip compiles each package's .pyc as it installs it, but the
