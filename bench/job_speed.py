@@ -9,13 +9,14 @@ script runs that job once per stack, each in its own process, on the same checkp
   padding-free rows), `minilora-compiled` `--compile on` (auto leaves a short run eager:
   speed.COMPILE_AUTO_PARAM_TOKENS), `minilora-grouped` `--group-by-length`, `minilora-nocompile`
   `--compile off`, `minilora-eager` `--compile off --cuda-graphs off`; `baseline` is minilora from the
-  folder --baseline names (another checkout, for a before/after in one run). Each stack starts with empty compile caches of its own
-  (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR), as on a fresh machine; a stack named twice runs twice, and
-  the second run finds the caches the first left: the warm start of a user's second job. Python's
-  bytecode, though, is warm for every stack: pip compiles each package's .pyc as it installs it, but the
-  GPU machine's packages come without them and cannot keep them, so every process would compile ~3,000
-  modules from source (8-12 s; bench/NOTES.md, section 16). Before the stacks run, `compileall` writes
-  the bytecode of everything on sys.path into a cache (PYTHONPYCACHEPREFIX) that every stack reads;
+  folder --baseline names (another checkout, for a before/after in one run). Each stack starts with empty
+  compile caches of its own (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR), as on a fresh machine; a stack
+  named twice runs twice, and the second run finds the caches the first left: the warm start of a user's
+  second job. Python's bytecode, though, is warm for every stack: pip compiles each package's .pyc as it
+  installs it, but the GPU machine's packages come without them and cannot keep them, so every process would
+  compile ~3,000 modules from source (8-12 s; bench/NOTES.md, section 16). Before the stacks run,
+  `compileall` writes the bytecode of everything on sys.path into a cache (PYTHONPYCACHEPREFIX) that every
+  stack reads;
 - `trl`: transformers + bitsandbytes NF4 + trl's SFTTrainer with a peft LoraConfig, as the seeds set it up;
 - `unsloth`: unsloth's FastLanguageModel (get_peft_model, its "unsloth" checkpointing) with the same SFTTrainer.
 
