@@ -11,6 +11,8 @@ The package has four parts; README.md has the whole file map with line counts.
     export/      merge, GGUF for llama.cpp (f16 to q4_k_m) with an Ollama Modelfile, the hub
 beside them generate.py (generation and chat), distributed.py (torchrun) and demo.py (the demo task).
 """
+import contextlib
+import functools
 import logging
 import time
 
@@ -34,3 +36,36 @@ def _drop_start_up_noise():
 
 
 _drop_start_up_noise()
+
+
+@contextlib.contextmanager
+def compile_at_first_call():
+    """torch.compile, deferred to each compiled function's first call, inside this block.
+
+    bitsandbytes' default (CPU) backend wraps four of its functions in torch.compile as it is imported, and
+    calling torch.compile imports the compiler's back end, inductor: ~2 s of every command's start, on top of
+    torch._dynamo (which bitsandbytes' ops and torch's optimizers import anyway at their first use), where a GPU
+    run calls none of those four and a short one compiles nothing of its own (bench/NOTES.md, section 16).
+    nf4.py imports bitsandbytes inside this block, so each of those functions is handed to torch.compile at its
+    first call instead: the same functions, compiled the same way, later."""
+    import torch
+
+    compile_now = torch.compile
+
+    def deferred(fn=None, **options):
+        if fn is None:  # @torch.compile(dynamic=False)
+            return lambda f: deferred(f, **options)
+        compiled = []
+
+        @functools.wraps(fn)
+        def first_call_compiles(*args, **kwargs):
+            if not compiled:
+                compiled.append(compile_now(fn, **options))
+            return compiled[0](*args, **kwargs)
+        return first_call_compiles
+
+    torch.compile = deferred
+    try:
+        yield
+    finally:
+        torch.compile = compile_now

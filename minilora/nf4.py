@@ -17,9 +17,13 @@ speed/nf4_triton.py puts its one-kernel version there on a GPU).
 """
 from __future__ import annotations
 
-import bitsandbytes as bnb
-import bitsandbytes.functional as bnbF
 import torch
+
+from . import compile_at_first_call
+
+with compile_at_first_call():  # bitsandbytes compiles some functions as it is imported: see there
+    import bitsandbytes as bnb
+import bitsandbytes.functional as bnbF
 import torch.nn as nn
 import torch.nn.functional as F
 

@@ -77,3 +77,31 @@ def test_the_core_trains_with_the_speed_part_unimportable():
     r = subprocess.run([sys.executable, "-c", BLOCK_SPEED], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+UNCOMPILED_START = """
+import sys
+from minilora import generate, train  # the commands' imports, bitsandbytes' among them
+from minilora.checkpoint import load_model
+from minilora.speed import configure
+from minilora.train import TrainConfig, build_model, make_optimizer
+load_model(sys.argv[1], device="cpu", progress=False)  # as generate and merge do
+model, params = build_model(TrainConfig(model=sys.argv[1], compile="off", optim="adamw8bit"), sys.argv[1], "cpu",
+                            configure(TrainConfig(compile="off"), "cpu"), run_tokens=1000)
+make_optimizer(params, TrainConfig())
+print(sorted(m for m in ("torch._inductor.compile_fx", "torch._inductor.select_algorithm") if m in sys.modules))
+"""
+
+
+def test_an_uncompiled_run_does_not_import_the_compiler(tmp_path):
+    """A run that compiles nothing must not pay for importing torch's compiler (inductor: ~2 s): bitsandbytes' own
+    torch.compile calls at import are deferred (minilora/__init__.py's compile_at_first_call; bench/NOTES.md,
+    section 16). torch._dynamo is imported all the same, by bitsandbytes' ops at their first call and by torch's
+    optimizers as they are built."""
+    from conftest import tiny_hf_model
+
+    tiny_hf_model(tmp_path / "m", "llama")
+    r = subprocess.run([sys.executable, "-c", UNCOMPILED_START, str(tmp_path / "m")], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == "[]", r.stdout
