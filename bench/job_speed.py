@@ -165,6 +165,7 @@ def run_stack(stack: str, a, folder: Path, records: Path, tokens: Path, work: Pa
         return {"error": f"no adapter at {adapter}", "wall_s": wall}
     row = {"wall_s": wall, "adapter_s": adapter.stat().st_mtime - t0}
     if a.profile and stack in MINILORA_FLAGS:
+        row["profiled"] = True  # under cProfile: slower than a plain run
         write_profile(work / f"{i}-{stack}.prof", Path(a.profile) / f"profile-{a.shape}-{i}-{stack}.txt")
     try:
         row.update(minilora_result(out, a.skip) if stack in MINILORA_FLAGS
@@ -188,13 +189,13 @@ def write_profile(prof: Path, txt: Path, top: int = 70):
     txt.write_text(buf.getvalue())
 
 
-def warm_bytecode(env: dict) -> float:
-    """Byte-compile every package the stacks can import into env's PYTHONPYCACHEPREFIX, as pip's install does in
-    place (see the top); returns the seconds it took."""
+def warm_bytecode(env: dict, extra: list[str]) -> float:
+    """Byte-compile every package the stacks can import (and the `extra` folders: a --baseline) into env's
+    PYTHONPYCACHEPREFIX, as pip's install does in place (see the top); returns the seconds it took."""
     t = time.perf_counter()
     paths = subprocess.run([sys.executable, "-c", "import json, sys; print(json.dumps(sys.path))"], env=env,
                            capture_output=True, text=True, check=True).stdout
-    dirs = [d for d in json.loads(paths) if d and Path(d).is_dir()]
+    dirs = [d for d in json.loads(paths) + extra if d and Path(d).is_dir()]
     # -qq: some packages ship files that are not Python 3 (templates, tests); they are skipped, as pip skips them
     subprocess.run([sys.executable, "-m", "compileall", "-qq", "-j", "0", *dirs], env=env)
     return time.perf_counter() - t
@@ -352,7 +353,8 @@ def main(argv=None):
             raise SystemExit(f"{len(ex)} of {a.examples} records became examples; lower --lengths' HI")
         tokens.write_text("".join(json.dumps(r) + "\n" for r in ex))
         if not a.cold_bytecode:
-            print(f"bytecode of every package on sys.path compiled in {warm_bytecode(env):.1f} s", flush=True)
+            seconds = warm_bytecode(env, [a.baseline])
+            print(f"bytecode of every package on sys.path compiled in {seconds:.1f} s", flush=True)
         want = expected_counts(ex)
         print(f"{len(ex)} examples, {want['real_tokens']:,} tokens, {want['label_tokens']:,} label tokens", flush=True)
         for i, stack in enumerate(stacks):

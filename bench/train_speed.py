@@ -103,7 +103,8 @@ def parse_args(argv=None):
     p.add_argument("--keep-activations", type=int, default=0, metavar="N",
                    help="minilora stacks: the last N layers keep their activations (train.py --keep-activations)")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                   help="minilora: torch.compile each decoder layer, as `minilora.train --compile` (auto: on CUDA)")
+                   help="minilora: torch.compile each decoder layer, as `minilora.train --compile` (auto: on CUDA, "
+                   "whatever the run's length: minilora.train's auto also leaves short runs eager)")
     p.add_argument("--out", default="bench/results/train_speed.jsonl", help="JSON lines, appended")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--seed", type=int, default=0, help="weights, data and LoRA init")

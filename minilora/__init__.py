@@ -52,15 +52,18 @@ def compile_at_first_call():
 
     compile_now = torch.compile
 
-    def deferred(fn=None, **options):
-        if fn is None:  # @torch.compile(dynamic=False)
+    def deferred(model=None, **options):  # torch.compile's signature: the function is called `model`
+        if model is None:  # @torch.compile(dynamic=False)
             return lambda f: deferred(f, **options)
         compiled = []
 
-        @functools.wraps(fn)
+        @functools.wraps(model)
         def first_call_compiles(*args, **kwargs):
             if not compiled:
-                compiled.append(compile_now(fn, **options))
+                try:
+                    compiled.append(compile_now(model, **options))
+                except Exception:  # as bitsandbytes does when torch.compile refuses: the function as it is
+                    compiled.append(model)
             return compiled[0](*args, **kwargs)
         return first_call_compiles
 

@@ -72,7 +72,8 @@ def train(cfg: TrainConfig) -> dict:
     per_step = cfg.batch_size * cfg.grad_accum * dp.world()  # examples per optimizer step, all ranks together
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train_set) / per_step))
     mean_length = sum(len(e.input_ids) for e in train_set) / len(train_set)
-    run_tokens = round(total_steps * per_step * mean_length / dp.world())  # this process's: for --compile auto
+    steps_left = total_steps - (resume[1]["step"] if resume else 0)  # a resumed run has only these to train
+    run_tokens = round(steps_left * per_step * mean_length / dp.world())  # this process's: for --compile auto
     start_up["data"] = time.perf_counter() - STARTED
 
     # ---- the model: the 4-bit base, LoRA on --targets, the speed machinery; the optimizer

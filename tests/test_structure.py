@@ -89,6 +89,8 @@ load_model(sys.argv[1], device="cpu", progress=False)  # as generate and merge d
 model, params = build_model(TrainConfig(model=sys.argv[1], compile="off", optim="adamw8bit"), sys.argv[1], "cpu",
                             configure(TrainConfig(compile="off"), "cpu"), run_tokens=1000)
 make_optimizer(params, TrainConfig())
+import torch
+assert torch.compile.__name__ == "compile", "torch.compile was left deferred after bitsandbytes' import"
 print(sorted(m for m in ("torch._inductor.compile_fx", "torch._inductor.select_algorithm") if m in sys.modules))
 """
 

@@ -370,6 +370,7 @@ def test_compile_auto_leaves_a_short_run_eager(tmp_path, monkeypatch, capsys):
 
     chosen = speed.configure
     monkeypatch.setattr(speed, "configure", lambda *a, **k: dataclasses.replace(chosen(*a, **k), compile=True))
+    monkeypatch.setattr(speed, "compile_layers", lambda model: pytest.fail("a short run was compiled"))
     out = tmp_path / "run"
     T.train(T.parse_config(tiny_run_args(tmp_path, out, max_steps=0, epochs=1, dropout=0.0)))
     printed = capsys.readouterr().out
@@ -379,3 +380,19 @@ def test_compile_auto_leaves_a_short_run_eager(tmp_path, monkeypatch, capsys):
     assert len(rows) == 9 and tokens * n_params < speed.COMPILE_AUTO_PARAM_TOKENS
     assert f"compile: off for this run ({tokens:,} tokens to train; for this model compiling pays from about " \
            f"{round(speed.COMPILE_AUTO_PARAM_TOKENS / n_params):,})" in printed
+
+
+def test_compile_auto_rule():
+    """speed.Speed.fit_to_run: under auto, compile from COMPILE_AUTO_PARAM_TOKENS / n_params tokens on; `--compile on`
+    always; a device that does not compile (the CPU's configure) is left as it is."""
+    from minilora import speed
+
+    n_params = 10**9
+    pays_from = round(speed.COMPILE_AUTO_PARAM_TOKENS / n_params)
+    for flag, tokens, compiled in [("auto", pays_from - 1, False), ("auto", pays_from, True), ("on", 1, True)]:
+        cfg = T.TrainConfig(compile=flag)
+        fast = dataclasses.replace(speed.configure(cfg, "cpu"), compile=True)  # as on a GPU
+        note = fast.fit_to_run(cfg, tokens, n_params)
+        assert fast.compile is compiled and (note is None) is compiled, (flag, tokens, note)
+    cpu = speed.configure(T.TrainConfig(), "cpu")
+    assert cpu.fit_to_run(T.TrainConfig(), 1, n_params) is None and not cpu.compile

@@ -50,8 +50,8 @@ CLASHES = {
     ("fold", "fsdp"): "the folded gate/up reads the 4-bit codes without calling the layers, so without their gathers",
 }
 
-# Above this many tokens per micro-batch a step is GPU time already, while each recording costs two more passes
-# (minutes at 350k tokens) and the memory of its pool (bench/NOTES.md, sections 9 and 10): auto leaves graphs off.
+# Above this many tokens per micro-batch a step is GPU time already, while each recording keeps the memory of its
+# activations in the graphs' pool (bench/NOTES.md, sections 9 and 10): auto leaves graphs off.
 GRAPH_AUTO_TOKENS = 32768
 # Compiled, a loss chunk holds no fp32 copy of its logits (loss.py), so its chunks can be twice as long.
 COMPILED_LOGIT_ELEMENTS = 2 * LOGIT_ELEMENTS

@@ -27,8 +27,8 @@ What a recording needs, and how it gets it here:
   up on the host, are one more static input (`inputs_embeds`), copied in before each replay.
 - Gradients at fixed addresses: every trainable tensor's .grad is a static buffer that each replay
   adds into. `zero_grad(set_to_none=True)` drops them between steps; `__call__` puts them back, zeroed.
-- Nothing run for the first time inside a recording: compiling, the Triton kernels' first build, cuBLAS'
-  workspace (PyTorch's CUDA-graph notes warm up before capturing for this). So a shape is recorded
+- Nothing run for the first time inside a recording: compiling, the Triton kernels' first build
+  (PyTorch's CUDA-graph notes warm up before capturing for this). So a shape is recorded
   the second time it comes, and the first time its micro-batch simply runs, as a step without graphs
   would: that run is the warm-up, and its gradient counts. A shape that comes once is never recorded.
 
