@@ -82,10 +82,8 @@ def test_the_core_trains_with_the_speed_part_unimportable():
 UNCOMPILED_START = """
 import sys
 from minilora import generate, train  # the commands' imports, bitsandbytes' among them
-from minilora.checkpoint import load_model
 from minilora.speed import configure
 from minilora.train import TrainConfig, build_model, make_optimizer
-load_model(sys.argv[1], device="cpu", progress=False)  # as generate and merge do
 model, params = build_model(TrainConfig(model=sys.argv[1], compile="off", optim="adamw8bit"), sys.argv[1], "cpu",
                             configure(TrainConfig(compile="off"), "cpu"), run_tokens=1000)
 make_optimizer(params, TrainConfig())
