@@ -9,7 +9,8 @@ script runs that job once per stack, each in its own process, on the same checkp
   padding-free rows), `minilora-compiled` `--compile on` (auto leaves a short run eager:
   speed.COMPILE_AUTO_PARAM_TOKENS), `minilora-grouped` `--group-by-length`, `minilora-nocompile`
   `--compile off`, `minilora-eager` `--compile off --cuda-graphs off`; `baseline` is minilora from the
-  folder --baseline names (another checkout, for a before/after in one run). Each stack starts with empty
+  folder --baseline names (another checkout, for a before/after in one run), `baseline-compiled` the same with
+  `--compile on`. Each stack starts with empty
   compile caches of its own (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR), as on a fresh machine; a stack
   named twice runs twice, and the second run finds the caches the first left: the warm start of a user's
   second job. Python's bytecode, though, is warm for every stack: pip compiles each package's .pyc as it
@@ -72,7 +73,8 @@ from minilora.loss import IGNORE  # noqa: E402  (-100, the label transformers an
 MINILORA_FLAGS = {"minilora": [], "minilora-compiled": ["--compile", "on"],
                   "minilora-padded": ["--padding-free", "off"],
                   "minilora-grouped": ["--group-by-length"], "minilora-nocompile": ["--compile", "off"],
-                  "minilora-eager": ["--compile", "off", "--cuda-graphs", "off"], "baseline": []}
+                  "minilora-eager": ["--compile", "off", "--cuda-graphs", "off"], "baseline": [],
+                  "baseline-compiled": ["--compile", "on"]}
 STACKS = (*MINILORA_FLAGS, "trl", "unsloth")
 SEEDS = dict(batch_size=2, grad_accum=4, lr=2e-4, warmup_steps=5, weight_decay=0.01, max_grad_norm=1.0,
              max_seq_len=2048, r=16, alpha=16, seed=3407)
@@ -130,6 +132,9 @@ def minilora_result(run: Path, skip: int) -> dict:
             "label_tokens": sum(x["label_tokens"] for x in train), "real_tokens": sum(x["real_tokens"] for x in train),
             "steps": len(train), "peak_gib": max(x["peak_mem_gib"] for x in train),
             "loss_first": train[0]["loss"], "loss_last": train[-1]["loss"],
+            # per step: [end (s from launch), its GPU-synchronised time, real tokens, tokens with padding]
+            "per_step": [[round(x["elapsed_s"], 4), round(x["step_s"], 4), x["real_tokens"],
+                          round(x["tokens_per_s"] * x["step_s"])] for x in train],
             **steady([x["elapsed_s"] for x in train], [x["real_tokens"] for x in train], skip)}
 
 
@@ -148,7 +153,7 @@ def run_stack(stack: str, a, folder: Path, records: Path, tokens: Path, work: Pa
     adapter = out / "adapter" / "adapter_model.safetensors"
     caches = work / f"caches-{stack}"  # this stack's own: cold at its first run, warm at a second
     env = {**env, "TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"), "TRITON_CACHE_DIR": str(caches / "triton")}
-    if stack == "baseline":
+    if stack.startswith("baseline"):
         env["PYTHONPATH"] = os.pathsep.join([str(Path(a.baseline).resolve()), env["PYTHONPATH"]])
     print(f"--- {stack}: {' '.join(cmd[1:])}", flush=True)
     t0 = time.time()
@@ -313,7 +318,7 @@ def main(argv=None):
     stacks = [s.strip() for s in a.stacks.split(",") if s.strip()]
     if bad := [s for s in stacks if s not in STACKS]:
         p.error(f"--stacks: unknown {bad}; choose from {', '.join(STACKS)}")
-    if "baseline" in stacks and (not a.baseline or Path(a.baseline).resolve() == ROOT
+    if any(s.startswith("baseline") for s in stacks) and (not a.baseline or Path(a.baseline).resolve() == ROOT
                                  or not (Path(a.baseline) / "minilora" / "train.py").is_file()):
         p.error(f"--stacks baseline needs --baseline DIR, another checkout with a minilora package in it (not this "
                 f"one); got {a.baseline!r}")
@@ -364,7 +369,7 @@ def main(argv=None):
             seen = {k: row.get(k) for k in want}
             if "error" not in row and seen != want:
                 row["error"] = f"trained on other tokens than the records hold: saw {seen}, expected {want}"
-            row["versions"] = vers if stack != "baseline" else {**vers, "minilora": f"baseline {a.baseline}",
+            row["versions"] = vers if not stack.startswith("baseline") else {**vers, "minilora": f"baseline {a.baseline}",
                                                                 "minilora_source_sha256": source_sha256(a.baseline)}
             rows.append(row)
             with open(out_file, "a") as f:  # row by row: a later stack's failure loses nothing

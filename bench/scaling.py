@@ -126,7 +126,7 @@ def worker(a):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss = dp.all_reduce_sum(loss)  # the global mean: each rank's part is its sum / n_total
+        loss = dp.all_reduce_sum(float(loss))  # the global mean: each rank's part is its sum / n_total
         sync(device)
         times.append(time.perf_counter() - t)
         losses.append(loss)

@@ -131,7 +131,7 @@ def load_minilora(folder, s: Settings, mode: str = "minilora") -> Run:
                 raise ValueError(f"minilora-graphs: --seq {ids.shape[1]} is not a recorded length; the trainer "
                                  f"would pad it to {bucket_length(ids.shape[1])}")
         loss, _ = train_step(model, [batch], autocast, micro=micro)
-        return loss
+        return float(loss)
 
     run = _finish(model, s, loss_backward, params)
     run.graphs = micro if graphed else None

@@ -379,6 +379,13 @@ def collate(examples: list[Example], pad_id: int, pad_to=None) -> dict[str, torc
     return {"input_ids": ids, "labels": labels}
 
 
+def label_count(examples: list[Example]) -> int:
+    """The tokens that carry a loss in these examples, however they are batched (collate's padded rows or
+    padding-free rows): each example's labels after its first (the shift drops it) that are not IGNORE.
+    Counted on the host, from the lists, so that the trainer learns a step's N without waiting for the GPU."""
+    return sum(sum(1 for t in e.labels[1:] if t != IGNORE) for e in examples)
+
+
 GROUP_WINDOW = 50  # --group-by-length sorts windows of this many micro-batches, as transformers' sampler does
 
 

@@ -4,7 +4,7 @@ With no arguments it runs the offline demo: SmolLM2-135M-Instruct learns to coun
 forward with <think> reasoning (demo.py); it prints eval loss, accuracy and an answer before and after.
 
 The loop, per optimizer step:
-1. take `grad_accum` micro-batches and count their label tokens N (all of them);
+1. take `grad_accum` micro-batches and count their label tokens N (all of them, on the host);
 2. for each micro-batch: loss_sum = sum of its token losses; backward(loss_sum / N);
 3. clip the gradient norm (fp16: after unscaling), skip the step if the loss or the norm
    is not finite, step AdamW, set the lr.
@@ -98,6 +98,15 @@ def train(cfg: TrainConfig) -> dict:
                 f.write(json.dumps(row) + "\n")
             state.metrics["metrics_rows"] += 1  # saved with each checkpoint: where a resume cuts the file back to
 
+    def step_batches(position: int):
+        """The step's micro-batches from `position` of the data (drawn at batch_size x world, the same on every
+        rank), this rank's slice of each, and that slice on the device (padding-free: dealt into rows)."""
+        epoch, offset = divmod(position, len(train_set))
+        order = D.epoch_order(len(train_set), cfg.seed, epoch, lengths, cfg.batch_size * dp.world())
+        mbs = micro_batches(train_set, order, offset, cfg.grad_accum, cfg.batch_size * dp.world())
+        mine = rank_slice(mbs, dp.rank(), dp.world())
+        return mbs, mine, fast.make_batches(mine, pad_id)
+
     def log_eval() -> float:  # the mean token loss over the eval examples now
         loss = evaluate(model, evals, cfg.batch_size, functools.partial(fast.make_batch, pad_id=pad_id,
                                                                         training=False), autocast, fast.loss)
@@ -118,12 +127,9 @@ def train(cfg: TrainConfig) -> dict:
             start_up["eval_before"] = time.perf_counter() - STARTED
         model.train()
         state.rng_next = rng_state()
+        upcoming = None  # the next step's micro-batches, made while the GPU runs this one
         while state.step < total_steps:
-            # this rank's micro-batches: drawn at batch_size x world, the same on every rank, each rank its slice
-            epoch, offset = divmod(state.position, len(train_set))
-            order = D.epoch_order(len(train_set), cfg.seed, epoch, lengths, cfg.batch_size * dp.world())
-            mbs = micro_batches(train_set, order, offset, cfg.grad_accum, cfg.batch_size * dp.world())
-            batches = fast.make_batches(rank_slice(mbs, dp.rank(), dp.world()), pad_id)
+            mbs, mine, batches = upcoming or step_batches(state.position)
             lr = lr_at(state.step, cfg, total_steps)
             for g in optimizer.param_groups:
                 g["lr"] = lr
@@ -131,9 +137,12 @@ def train(cfg: TrainConfig) -> dict:
 
             # The loss is divided by the label tokens of ALL ranks, so the ranks' losses and gradients add up
             # to the global mean and its gradient: N ranks x batch b train exactly as 1 rank x batch N*b.
-            n_tokens = dp.all_reduce_sum(label_tokens(batches))
+            n_tokens = dp.all_reduce_sum(D.label_count([e for mb in mine for e in mb]))
             loss, _ = train_step(model, batches, autocast, scaler, n_total=n_tokens, micro=micro)
-            loss = dp.all_reduce_sum(loss)
+            # The micro-batches are queued, not done: the host builds the next step's rows meanwhile (as nanoGPT
+            # fetches its next batch during the forward), instead of leaving the GPU idle for them after the step.
+            upcoming = step_batches(state.position + per_step) if state.step + 1 < total_steps else None
+            loss = dp.all_reduce_sum(float(loss))  # waits for the GPU
             dp.all_reduce_grads(params, device)  # once per optimizer step, after every micro-batch
             scaler.unscale_(optimizer)  # fp16 only: clipping and the finiteness check need the true gradients
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")).item()
@@ -175,7 +184,7 @@ def train(cfg: TrainConfig) -> dict:
     bar.close()
     if fault is not None:  # save the last completed step, then stop with the fault's exit code (run/faults.py)
         longest = max((b["input_ids"].shape[1] for b in batches), default=None)
-        batches = None
+        batches = upcoming = None
         optimizer.zero_grad(set_to_none=True)
         stop(fault, cfg, state.step, state.last_ckpt, save, longest, device, graphs=fast.graphs)
     save()  # the state after the last step, before the eval below (a resume need not redo it)
@@ -341,17 +350,19 @@ def micro_step(model, batch: dict, inv_n, *, autocast, loss=causal_lm_loss, scal
 
 
 def train_step(model, batches: list[dict], autocast, scaler=None, n_total: int | None = None,
-               micro=None) -> tuple[float, int]:
-    """Forward and backward over one optimizer step's micro-batches; returns (loss sum / N, N).
+               micro=None) -> tuple[torch.Tensor, int]:
+    """Forward and backward over one optimizer step's micro-batches; returns (loss sum / N, N), the loss a 0-dim
+    tensor on the device.
 
     Every micro-batch's loss sum is divided by the SAME N, the label tokens of the whole step (`n_total`: of all
     ranks). `micro` runs one micro-batch (micro_step, or its CUDA-graph replay); the losses are summed on the
-    device and read once per step, so the host queues the next micro-batch while the GPU still works.
+    device and nothing here waits for the GPU: the host queues the next micro-batch while the GPU still works,
+    and the caller reads the loss (`float`) once it has queued what it can.
     """
     n_total = label_tokens(batches) if n_total is None else n_total
     micro = micro or functools.partial(micro_step, model, autocast=autocast, scaler=scaler)
     total = sum(micro(b, 1.0 / max(n_total, 1)) for b in batches)
-    return float(total) / max(n_total, 1), n_total
+    return total / max(n_total, 1), n_total
 
 
 @torch.no_grad()

@@ -68,7 +68,7 @@ def _steps(folder, checkpointing, offload, mbs, pads, graphed, padding_free=Fals
     for pad in pads:
         batches = [make_batch(mb, 0, "cuda", padding_free, pad, fast.host_embedding) for mb in mbs]
         loss, _ = train_step(model, batches, autocast, micro=micro)
-        losses.append(loss)
+        losses.append(float(loss))
         grads.append([p.grad.clone() for p in params])
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -94,18 +94,33 @@ def _multiple(m):
 @pytest.mark.parametrize("mode", ["recompute", "no-recompute", "offload"])
 def test_graphed_steps_equal_eager_steps(tmp_path, mode):
     """Four optimizer steps of 2 micro-batches, NF4 base, compiled layers, flat optimizer: losses,
-    gradients and weights as eager. Steps 1-2 pad both micro-batches to 256: the first runs without a graph,
-    the second is recorded, the rest replayed. Steps 3-4 pad to multiples of 16, two new shapes, run as they
-    are in step 3 and recorded in step 4, the second after the first one's gradients are in the buffers, which
-    the recording must leave as they were. offload: the layer inputs' copies to host memory and back are in
-    the recording, the embedding rows a static input."""
+    gradients and weights as eager. Steps 1-2 pad both micro-batches to 256: the first runs without a graph
+    (the run's warm-up), the second is recorded, the rest replayed. Steps 3-4 pad to multiples of 16, two new
+    lengths, each recorded at its first use in step 3 (the compile took every length already, so nothing else
+    runs without a graph), the second after the first one's gradients are in the buffers, which the recording
+    must leave as they were. offload: the layer inputs' copies to host memory and back are in the recording, the
+    embedding rows a static input."""
     tiny_hf_model(tmp_path / "m", "llama", hidden_size=256, intermediate_size=512, vocab_size=512)
     ex = uneven_batch(n=8, vocab=512)
     mbs = [[ex[0], ex[7]], [ex[1], ex[2]]]  # longest 26 and 11 tokens
     pads = [_multiple(256)] * 2 + [_multiple(16)] * 2  # steps 3-4: (2, 32) and (2, 16), both new
     runs = [_steps(tmp_path / "m", mode != "no-recompute", mode == "offload", mbs, pads, graphed)
             for graphed in (False, True)]
-    assert len(runs[1][3].recorded) == 3
+    assert len(runs[1][3].recorded) == 3 and len(runs[1][3].seen) == 1
+    _assert_same(*runs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_a_recording_that_would_compile_is_put_off(tmp_path):
+    """A micro-batch of batch size 1 after the warm-up's 2: the compiled layers took the length, not the batch size,
+    as dynamic, so its first-use recording would compile, which the "fail_on_recompile" stance refuses. The
+    recording is dropped, the micro-batch runs as it is (and compiles), and its shape is recorded at its second
+    use, in step 2. Four steps, losses, gradients and weights as eager."""
+    tiny_hf_model(tmp_path / "m", "llama", hidden_size=256, intermediate_size=512, vocab_size=512)
+    ex = uneven_batch(n=8, vocab=512)
+    mbs, pads = [[ex[0], ex[7]], [ex[1]]], [_multiple(256)] * 4  # shapes (2, 256) and (1, 256)
+    runs = [_steps(tmp_path / "m", True, False, mbs, pads, graphed) for graphed in (False, True)]
+    assert len(runs[1][3].recorded) == 2 and len(runs[1][3].seen) == 2
     _assert_same(*runs)
 
 
@@ -115,14 +130,15 @@ def test_graphed_padding_free_rows_equal_eager_padded_steps(tmp_path, mode):
     """The same four steps with each step's 4 examples (50 tokens) dealt into one padding-free row, flash
     attention's variable-length kernel inside. Replayed from graphs, they must equal the same rows run eagerly
     (losses, gradients, weights); and those, the padded eager steps. Steps 1-2 pad the row to 256 tokens, steps
-    3-4 to 64: two recordings, each of a shape's second micro-batch."""
+    3-4 to 64: two recordings, the first at the 256-token row's second use (its first was the warm-up), the
+    second at the 64-token row's first use."""
     tiny_hf_model(tmp_path / "m", "llama", hidden_size=256, intermediate_size=512, vocab_size=512)
     ex = uneven_batch(n=8, vocab=512)
     mbs, pads, lean = [[ex[0], ex[7]], [ex[1], ex[2]]], [_multiple(256)] * 2 + [_multiple(16)] * 2, mode == "offload"
     padded = _steps(tmp_path / "m", True, lean, mbs, [None] * 4, graphed=False)
     rows = _steps(tmp_path / "m", True, lean, mbs, pads, graphed=False, padding_free=True)
     graphed = _steps(tmp_path / "m", True, lean, mbs, pads, graphed=True, padding_free=True)
-    assert len(graphed[3].recorded) == 2
+    assert len(graphed[3].recorded) == 2 and len(graphed[3].seen) == 1
     _assert_same(rows, graphed)
     # Against the padded steps, another attention kernel rounds bf16 otherwise: on an H200, 3 of 122,880 gradient
     # elements, each near 0, were 1-2e-4 off at atol 1e-4, so step 1's gradients (taken at the same weights) are
@@ -175,7 +191,9 @@ def test_graphed_steps_with_the_mlp_in_pieces(tmp_path, monkeypatch):
     ex = uneven_batch(n=8, vocab=512)
     mbs = [[ex[6], ex[7]]]  # 23 and 26 tokens, padded to 32: the MLP in four pieces of 8
     pads = [_multiple(32)] * 3
-    _assert_same(*(_steps(tmp_path / "m", True, False, mbs, pads, graphed) for graphed in (False, True)))
+    runs = [_steps(tmp_path / "m", True, False, mbs, pads, graphed) for graphed in (False, True)]
+    assert len(runs[1][3].recorded) == 1
+    _assert_same(*runs)
 
 
 def test_bucket_lengths():

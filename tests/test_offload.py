@@ -38,7 +38,7 @@ def grads(folder, offload: bool, steps=2, device="cpu", dropout=0.2, lengths=(17
         torch.manual_seed(123)
         model.zero_grad(set_to_none=True)
         loss, _ = train_step(model, [batch], torch.autocast("cpu", enabled=False))
-        out.append((loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+        out.append((float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
     return model, out
 
 

@@ -93,6 +93,21 @@ def test_a_row_for_cuda_graphs_pads_with_an_example_of_its_own():
                                                                                             16384, 20480]
     assert packing.row_length(100, 512) == packing.row_length(512, 512) == 512 and packing.row_length(3000, 4000) == 3072
     assert packing.row_length(3800, 4000) == 4000
+    # a long run's rows (speed.FINE_ROWS_TOKENS) take multiples of 256 instead
+    assert [packing.row_length(n, 4096, packing.FINE_ROW_MULTIPLE) for n in (1, 257, 3000, 4000)] == [256, 512, 3072,
+                                                                                                    4096]
+
+
+def test_label_count_on_the_host_equals_the_batches_counts():
+    """data.label_count (the trainer's N, counted from the examples' lists) against the label tokens of the
+    batches the step trains on: padded rows, a padding-free row, and one padded for CUDA graphs."""
+    from minilora.train import label_tokens
+
+    ex = examples(6, seed=2)
+    ex[0] = D.Example(ex[0].input_ids, [D.IGNORE] * len(ex[0].input_ids))  # an example with no label at all
+    want = D.label_count(ex)
+    assert want == label_tokens([D.collate(ex, 0)]) == label_tokens([D.collate(ex[:2], 0), D.collate(ex[2:], 0)])
+    assert want == label_tokens([packing.collate(ex)]) == label_tokens([packing.collate(ex, pad_to=bucket_length)])
 
 
 def test_deal_fills_rows_longest_first_within_the_capacity():

@@ -65,10 +65,30 @@ def test_chunked_loss_equals_full_logits_cross_entropy(tmp_path, compiled):
         torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-4)
 
 
+def test_compiled_loss_chunk_compiles_once_for_every_row_count():
+    """speed/compile.py: the chunk function's rows are dynamic from its first compile, so a chunk of another row
+    count (the last one of a sequence, or another sequence length) compiles nothing more, which lets a CUDA graph
+    be recorded at a new length's first use (speed/graphs.py). Each chunk's loss against torch's cross-entropy."""
+    import torch._dynamo.utils as dynamo_utils
+
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    chunk, g = compiled_chunk(), torch.Generator().manual_seed(0)
+    for rows in (7, 5, 12):
+        logits = torch.randn(rows, 50, generator=g)
+        y = torch.randint(0, 50, (rows,), generator=g)
+        y[0] = D.IGNORE
+        loss, grad = chunk(logits, y, y != D.IGNORE, True)
+        ref = torch.nn.functional.cross_entropy(logits, y, ignore_index=D.IGNORE, reduction="sum")
+        torch.testing.assert_close(loss, ref, atol=1e-4, rtol=1e-5)
+        assert grad.shape == logits.shape
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == 1
+
+
 def grads_after_step(model, batches):
     model.zero_grad(set_to_none=True)
     loss, n = T.train_step(model, batches, torch.autocast("cpu", enabled=False))
-    return loss, n, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+    return float(loss), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
 
 
 def test_grad_accumulation_equals_one_big_batch(tmp_path):
@@ -396,3 +416,8 @@ def test_compile_auto_rule():
         assert fast.compile is compiled and (note is None) is compiled, (flag, tokens, note)
     cpu = speed.configure(T.TrainConfig(), "cpu")
     assert cpu.fit_to_run(T.TrainConfig(), 1, n_params) is None and not cpu.compile
+    # padding-free rows under graphs: multiples of 1024 tokens, of 256 from FINE_ROWS_TOKENS on
+    for tokens, multiple in [(speed.FINE_ROWS_TOKENS - 1, 1024), (speed.FINE_ROWS_TOKENS, 256)]:
+        fast = speed.configure(T.TrainConfig(), "cpu")
+        fast.fit_to_run(T.TrainConfig(), tokens, n_params)
+        assert fast.row_multiple == multiple, tokens

@@ -60,6 +60,11 @@ COMPILED_LOGIT_ELEMENTS = 2 * LOGIT_ELEMENTS
 # the model, and saves a share of every step after it (1/3 at 1.5B, 1/4 at 8B). Measured break-evens (bench/NOTES.md,
 # section 16): ~900k tokens for the 1.5B model (1.6e15), ~360k for the 8B (2.9e15); this is ~1.1M and ~250k.
 COMPILE_AUTO_PARAM_TOKENS = 2e15
+# Padding-free rows under CUDA graphs are padded to multiples of 256 tokens (pf.FINE_ROW_MULTIPLE) in a run of at least
+# this many tokens per process, of 1024 (pf.ROW_MULTIPLE) in a shorter one. Each row length costs one recording, about
+# a step's time; the fine multiple makes ~12 more lengths at the seeds' 4,096-token rows and saves ~5.6% of every
+# step's tokens (bench/results/padding_free_rows-simulation.txt): it repays them after ~300 steps, ~2.5M tokens.
+FINE_ROWS_TOKENS = 2_500_000
 
 
 def _asked(cfg) -> dict[str, bool]:
@@ -92,7 +97,9 @@ def make_batch(examples, pad_id: int, device, padding_free: bool = False, pad_to
          else collate(examples, pad_id, pad_to))
     if host_embedding is not None:
         b["inputs_embeds"] = host_embedding(b["input_ids"])
-    return {k: v.to(device) for k, v in b.items()}
+    # non_blocking: queued behind the GPU's work instead of waiting for it (the trainer makes the next step's
+    # batches while this step runs); from pageable memory the copy takes the host's bytes before it returns
+    return {k: v.to(device, non_blocking=True) for k, v in b.items()}
 
 
 @dataclass
@@ -109,6 +116,7 @@ class Speed:
     triton: bool
     compile: bool
     graphs: bool
+    row_multiple: int = pf.ROW_MULTIPLE  # padding-free under graphs: rows padded to multiples of this (fit_to_run)
     loss: Callable = causal_lm_loss  # what the micro-step and the eval call: with compiled chunks once attached
     host_embedding: HostEmbedding | None = None
 
@@ -136,8 +144,11 @@ class Speed:
         return flatten_for_optimizer([p for p in model.parameters() if p.requires_grad])
 
     def fit_to_run(self, cfg, run_tokens: int, n_params: int) -> str | None:
-        """--compile auto, once the run's length and the model are known: a run whose n_params x run_tokens is below
+        """The choices that wait for the run's length and the model: padding-free rows of a run of FINE_ROWS_TOKENS or
+        more are padded finely; under --compile auto, a run whose n_params x run_tokens is below
         COMPILE_AUTO_PARAM_TOKENS is not compiled. Returns the line that tells the user so, or None."""
+        if run_tokens >= FINE_ROWS_TOKENS:
+            self.row_multiple = pf.FINE_ROW_MULTIPLE
         pays_from = round(COMPILE_AUTO_PARAM_TOKENS / n_params)  # tokens
         if cfg.compile != "auto" or not self.compile or run_tokens >= pays_from:
             return None
@@ -156,7 +167,8 @@ class Speed:
         to few lengths; with its embedding rows looked up on the host in lean mode."""
         pad_to = None
         if self.graphs and training:
-            pad_to = functools.partial(pf.row_length, capacity=self.row_tokens) if self.padding_free else bucket_length
+            pad_to = (functools.partial(pf.row_length, capacity=self.row_tokens, multiple=self.row_multiple)
+                      if self.padding_free else bucket_length)
         return make_batch(examples, pad_id, self.device, self.padding_free, pad_to, self.host_embedding)
 
     def record(self, step, params: list[torch.Tensor], scaler=None):

@@ -15,7 +15,9 @@ input gradients and its input norm's backward (the MLP's input gradient is neede
 LoRA). Measured on the 1.5B job (bench/NOTES.md, section 14): 9 s less before the first step on a fresh
 machine, 2 s less with warm caches, and 1-3% fewer examples/s, more than those few matmuls should cost.
 
-The loss's chunk function (loss.py) is compiled on its own: two kernels instead of ~8 per chunk.
+The loss's chunk function (loss.py) is compiled on its own: two kernels instead of ~8 per chunk, its row count
+dynamic from the first compile too, so that the last chunk's other row count costs no second compile.
+A new length then compiles nothing, which lets a CUDA graph be recorded at a shape's first use (graphs.py).
 """
 from __future__ import annotations
 
@@ -53,6 +55,11 @@ def compile_layers(model) -> None:
 
 @functools.cache
 def compiled_chunk():
-    """loss.chunk_loss_and_grad through torch.compile, made once for the process (it compiles at the first call
-    of each shape: the full chunks share one, and the last chunk's varying row count becomes a dynamic size)."""
-    return torch.compile(chunk_loss_and_grad)
+    """loss.chunk_loss_and_grad through torch.compile, made once for the process; one graph for every row count."""
+    compiled = torch.compile(chunk_loss_and_grad)
+
+    def chunk(logits, y, keep, need_grad):
+        for t in (logits, y, keep):
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+        return compiled(logits, y, keep, need_grad)
+    return chunk

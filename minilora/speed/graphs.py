@@ -27,12 +27,15 @@ What a recording needs, and how it gets it here:
   up on the host, are one more static input (`inputs_embeds`), copied in before each replay.
 - Gradients at fixed addresses: every trainable tensor's .grad is a static buffer that each replay
   adds into. `zero_grad(set_to_none=True)` drops them between steps; `__call__` puts them back, zeroed.
-- Nothing run for the first time inside a recording: compiling, the Triton kernels' first build
-  (PyTorch's CUDA-graph notes warm up before capturing for this). So a shape is recorded
-  the second time it comes, and the first time its micro-batch simply runs, as a step without graphs
-  would: that run is the warm-up, and its gradient counts. A shape that comes once is never recorded.
+- Nothing run for the first time inside a recording: compiling, the Triton kernels' first build,
+  cuBLAS's first call (PyTorch's CUDA-graph notes warm up before capturing for this). So the run's first
+  micro-batch simply runs, as a step without graphs would: that run is the warm-up, and its gradient counts.
+  The compiled layers and loss take every length from their first compile (compile.py), so every later shape,
+  the first one's too, is recorded the first time it comes, under torch.compile's "fail_on_recompile" stance:
+  if a recording would compile after all (a shape the compile did not make dynamic, say), it is dropped, the
+  micro-batch runs as it is, and that shape is recorded the next time it comes.
 
-Cost: each shape that comes twice costs a recording (the step's Python run once, with no kernels), once;
+Cost: each shape costs a recording (the step's Python run once, with no kernels, then the graph's build), once;
 the pool keeps the memory of the recorded steps' activations between replays (bench/NOTES.md, sections
 9 and 16, have the figures).
 Reference: tests/test_graphs.py compares losses and LoRA gradients with the eager step on a GPU.
@@ -73,7 +76,7 @@ class GraphedMicroBatches:
 
     def __init__(self, step, params: list[torch.Tensor]):
         self.step, self.params = step, params
-        self.seen: set[tuple] = set()  # the shapes run once, without a graph (the warm-up above)
+        self.seen: set[tuple] = set()  # the shapes run without a graph: the warm-up, and any whose recording failed
         self.recorded: dict[tuple, tuple] = {}  # the inputs' shapes -> (graph, static inputs, scale, loss_sum)
         self.pool = torch.cuda.graph_pool_handle()
         self.grads = [torch.zeros_like(p) for p in params]
@@ -83,10 +86,17 @@ class GraphedMicroBatches:
         inputs = replay_inputs(batch)
         shape = tuple((k, tuple(t.shape)) for k, t in inputs.items())
         if shape not in self.recorded:
-            if shape not in self.seen:  # its first time: run it as it is
+            if not self.seen:  # the run's first micro-batch: the warm-up (above)
+                recorded = None
+            elif shape in self.seen:  # it ran once already, without a graph
+                recorded = self._record(batch, inv_n)
+            else:  # its first time: recorded, unless the recording would compile
+                with torch.compiler.set_stance("fail_on_recompile"):
+                    recorded = self._record(batch, inv_n, first_use=True)
+            if recorded is None:
                 self.seen.add(shape)
                 return self.step(batch, torch.full((), inv_n, dtype=torch.float32, device=inputs["input_ids"].device))
-            self.recorded[shape] = self._record(batch, inv_n)
+            self.recorded[shape] = recorded
         graph, static, scale, loss_sum = self.recorded[shape]
         for k, t in static.items():
             t.copy_(inputs[k], non_blocking=True)
@@ -103,7 +113,9 @@ class GraphedMicroBatches:
                 g.copy_(p.grad)
             p.grad = g
 
-    def _record(self, batch: dict, inv_n: float) -> tuple:
+    def _record(self, batch: dict, inv_n: float, first_use: bool = False) -> tuple | None:
+        """(graph, static inputs, scale, loss_sum) of the batch's shape; None where a `first_use` recording failed
+        (it is tried again at the shape's next use, after an uncaptured run, and fails for good only then)."""
         static = {k: v.clone() for k, v in batch.items()}  # tensors, and a padding-free row's Documents
         ids = static["input_ids"]
         scale = torch.full((), inv_n, dtype=torch.float32, device=ids.device)
@@ -114,6 +126,8 @@ class GraphedMicroBatches:
         except torch.OutOfMemoryError:
             raise  # the trainer's out-of-memory advice applies as it is
         except RuntimeError as e:
+            if first_use:  # e.g. "Detected recompile when torch.compile stance is 'fail_on_recompile'"
+                return None
             raise GraphRecordingError(f"recording a CUDA graph of a {tuple(ids.shape)} micro-batch failed: "
                                       f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
         return graph, replay_inputs(static), scale, loss_sum

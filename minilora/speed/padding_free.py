@@ -39,16 +39,16 @@ from .graphs import bucket_length
 
 MIN_SLOTS = 8  # cu_seqlens holds a power of two of examples, at least this many: few shapes to record
 ROW_MULTIPLE = 1024  # under CUDA graphs a row is padded to a multiple of this (past 16k tokens, 8 per doubling)
+FINE_ROW_MULTIPLE = 256  # ... or of this, in a run long enough to repay the extra recordings (speed.FINE_ROWS_TOKENS)
 
 
-def row_length(n: int, capacity: int) -> int:
+def row_length(n: int, capacity: int, multiple: int = ROW_MULTIPLE) -> int:
     """The length a padding-free row of n tokens (of at most `capacity`) is padded to under CUDA graphs: a
-    multiple of ROW_MULTIPLE, never past the capacity (short rows are not padded to 1024). Coarser than a padded
-    batch's buckets (graphs.bucket_length): dealt rows are nearly full, so only a step's last row varies, and each
-    length that comes again costs a recording that a short run cannot win back. At 1024 tokens the
-    1.5B job's epoch takes 4 lengths and 9% padding, at 256 13 lengths and 4%
-    (bench/results/padding_free_rows-simulation.txt)."""
-    return min(bucket_length(n, ROW_MULTIPLE), max(n, capacity))
+    multiple of `multiple`, never past the capacity (short rows are not padded to it). Dealt rows are nearly
+    full, so only a step's last row varies, and each length costs a recording, once: the 1.5B job's epoch takes 4
+    lengths and 9% padding at 1024 tokens, 13 lengths and 4% at 256 (bench/results/padding_free_rows-simulation.txt),
+    so short runs take the coarse multiple and long ones the fine."""
+    return min(bucket_length(n, multiple), max(n, capacity))
 
 
 @dataclass(frozen=True)
