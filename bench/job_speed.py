@@ -206,6 +206,27 @@ def warm_bytecode(env: dict, extra: list[str]) -> float:
     return time.perf_counter() - t
 
 
+def explain(rows: list[dict], skip: int) -> list[str]:
+    """Where each minilora row's steady window went, from its per-step figures: the real share of the padded
+    tokens, the host's gap between steps (the GPU idle), and the steps that ran a shape for the first time or
+    recorded it (slower than 1.5x the median time per padded token)."""
+    lines = []
+    for r in rows:
+        steps = r.get("per_step", [])[skip:]
+        if not steps:
+            continue
+        ends, dts, real, padded = zip(*r["per_step"])
+        per_token = sorted(dt / p for _, dt, _, p in steps)[len(steps) // 2]
+        slow = [i + 1 + skip for i, (_, dt, _, p) in enumerate(steps) if dt > 1.5 * per_token * p]
+        gaps = [ends[i] - ends[i - 1] - dts[i] for i in range(skip, len(ends))]
+        lines.append(f"{r['run_id']} {r['stack']}#{r['run']}: {r['real_tokens_per_s']:,.0f} real tok/s over steps "
+                     f"{skip + 1}-{len(ends)}: fill {sum(real[skip:]) / sum(padded[skip:]):.3f}, gap "
+                     f"{1e3 * sum(gaps) / len(gaps):.1f} ms/step ({sum(gaps) / (ends[-1] - ends[skip - 1]):.1%}), "
+                     f"{len(slow)} slow steps {slow} ({sum(dts[i - 1] - per_token * padded[i - 1] for i in slow):.2f} "
+                     f"s over the median rate), median {1 / per_token:,.0f} padded tok/s")
+    return lines
+
+
 # ----------------------------------------------------------------------------- the peers' process
 
 def worker(spec_path: str):
@@ -311,10 +332,16 @@ def main(argv=None):
                    "(see the top; the job figures before 2026-12-04 were taken so), and skip the minute it takes")
     p.add_argument("--timeout", type=float, default=600, help="seconds per stack before it is stopped")
     p.add_argument("--out", default="bench/results/job_speed.jsonl", help="JSON lines, appended")
+    p.add_argument("--explain", default="", metavar="RUN_ID", help="print where the steady window of each minilora "
+                   "row of that run (in --out) went, from its per-step figures, and exit")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
         return worker(a.worker)
+    if a.explain:
+        rows = [json.loads(x) for x in Path(a.out).read_text().splitlines()]
+        print("\n".join(explain([r for r in rows if r["run_id"].endswith(a.explain)], a.skip)))
+        return
     stacks = [s.strip() for s in a.stacks.split(",") if s.strip()]
     if bad := [s for s in stacks if s not in STACKS]:
         p.error(f"--stacks: unknown {bad}; choose from {', '.join(STACKS)}")

@@ -286,3 +286,9 @@ def test_job_speed_trains_minilora_and_trl_on_the_same_tokens(tmp_path):
         assert row["examples_per_s"] > 0 and row["real_tokens_per_s"] > row["examples_per_s"]
         # the first step's loss is the base model's on that step's examples (B = 0), ~ln(vocab) for random weights
         assert abs(row["loss_first"] - math.log(512)) < 0.5
+    steps = rows[0]["per_step"]  # minilora's steps: end, time, real tokens, tokens with padding
+    assert len(steps) == 2 and sum(s[2] for s in steps) == rows[0]["real_tokens"]
+    assert all(0 < s[1] < s[0] for s in steps) and all(s[3] >= s[2] for s in steps)
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "job_speed.py"), "--explain", rows[0]["run_id"],
+                        "--skip", "1", "--out", str(out)], cwd=ROOT, env=_env(), capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith(f"{rows[0]['run_id']} minilora#1: ") and "fill" in r.stdout
