@@ -49,7 +49,7 @@ def stop(fault: BaseException, cfg, step: int, last_ckpt: Path | None, save, lon
             torch.cuda.empty_cache()
         ck = save(together=False) if step > 0 else None
         raise OutOfMemory(oom_advice(cfg, step, message, longest, device, ck or last_ckpt, graphs=graphs))
-    # a CUDA graph recording failed: a micro-batch length seen for the second time, maybe hundreds of steps in
+    # a CUDA graph recording failed: a micro-batch length seen for the first time, maybe hundreds of steps in
     ck = save(together=False) if step > 0 else None
     raise TrainingStopped(f"{fault}. " + (f"Saved {ck}; continue" if ck else "Start again") +
                           " without CUDA graphs: --cuda-graphs off" + (" --resume." if ck else "."))
