@@ -10,8 +10,8 @@ script runs that job once per stack, each in its own process, on the same checkp
   speed.COMPILE_AUTO_PARAM_TOKENS), `minilora-grouped` `--group-by-length`, `minilora-nocompile`
   `--compile off`, `minilora-eager` `--compile off --cuda-graphs off`; `baseline` is minilora from the
   folder --baseline names (another checkout, for a before/after in one run), `baseline-compiled` the same with
-  `--compile on`. Each stack starts with empty
-  compile caches of its own (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR), as on a fresh machine; a stack
+  `--compile on`. Each stack starts with empty compile caches of its own (TORCHINDUCTOR_CACHE_DIR,
+  TRITON_CACHE_DIR), as on a fresh machine; a stack
   named twice runs twice, and the second run finds the caches the first left: the warm start of a user's
   second job. Python's bytecode, though, is warm for every stack: pip compiles each package's .pyc as it
   installs it, but the GPU machine's packages come without them and cannot keep them, so every process would
@@ -396,8 +396,8 @@ def main(argv=None):
             seen = {k: row.get(k) for k in want}
             if "error" not in row and seen != want:
                 row["error"] = f"trained on other tokens than the records hold: saw {seen}, expected {want}"
-            row["versions"] = vers if not stack.startswith("baseline") else {**vers, "minilora": f"baseline {a.baseline}",
-                                                                "minilora_source_sha256": source_sha256(a.baseline)}
+            row["versions"] = vers if not stack.startswith("baseline") else {
+                **vers, "minilora": f"baseline {a.baseline}", "minilora_source_sha256": source_sha256(a.baseline)}
             rows.append(row)
             with open(out_file, "a") as f:  # row by row: a later stack's failure loses nothing
                 f.write(json.dumps(row) + "\n")
