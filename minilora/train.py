@@ -100,12 +100,12 @@ def train(cfg: TrainConfig) -> dict:
 
     def step_batches(position: int):
         """The step's micro-batches from `position` of the data (drawn at batch_size x world, the same on every
-        rank), this rank's slice of each, and that slice on the device (padding-free: dealt into rows)."""
+        rank); this rank's slice of them on the device (padding-free: dealt into rows), and its label tokens."""
         epoch, offset = divmod(position, len(train_set))
         order = D.epoch_order(len(train_set), cfg.seed, epoch, lengths, cfg.batch_size * dp.world())
         mbs = micro_batches(train_set, order, offset, cfg.grad_accum, cfg.batch_size * dp.world())
         mine = rank_slice(mbs, dp.rank(), dp.world())
-        return mbs, mine, fast.make_batches(mine, pad_id)
+        return mbs, fast.make_batches(mine, pad_id), D.label_count([e for mb in mine for e in mb])
 
     def log_eval() -> float:  # the mean token loss over the eval examples now
         loss = evaluate(model, evals, cfg.batch_size, functools.partial(fast.make_batch, pad_id=pad_id,
@@ -129,7 +129,7 @@ def train(cfg: TrainConfig) -> dict:
         state.rng_next = rng_state()
         upcoming = None  # the next step's micro-batches, made while the GPU runs this one
         while state.step < total_steps:
-            mbs, mine, batches = upcoming or step_batches(state.position)
+            mbs, batches, labels = upcoming or step_batches(state.position)
             lr = lr_at(state.step, cfg, total_steps)
             for g in optimizer.param_groups:
                 g["lr"] = lr
@@ -137,7 +137,7 @@ def train(cfg: TrainConfig) -> dict:
 
             # The loss is divided by the label tokens of ALL ranks, so the ranks' losses and gradients add up
             # to the global mean and its gradient: N ranks x batch b train exactly as 1 rank x batch N*b.
-            n_tokens = dp.all_reduce_sum(D.label_count([e for mb in mine for e in mb]))
+            n_tokens = dp.all_reduce_sum(labels)
             loss, _ = train_step(model, batches, autocast, scaler, n_total=n_tokens, micro=micro)
             # The micro-batches are queued, not done: the host builds the next step's rows meanwhile (as nanoGPT
             # fetches its next batch during the forward), instead of leaving the GPU idle for them after the step.
