@@ -30,8 +30,8 @@ What a recording needs, and how it gets it here:
 - Nothing run for the first time inside a recording: compiling, the Triton kernels' first build,
   cuBLAS's first call (PyTorch's CUDA-graph notes warm up before capturing for this). So the run's first
   micro-batch simply runs, as a step without graphs would: that run is the warm-up, and its gradient counts.
-  The compiled layers and loss take every length from their first compile (compile.py), so every later shape,
-  the first one's too, is recorded the first time it comes, under torch.compile's "fail_on_recompile" stance:
+  The compiled layers and loss take every length from their first compile (compile.py), so after it each shape
+  is recorded the first time it comes (the warm-up's own, its next time), under the "fail_on_recompile" stance:
   if a recording would compile after all (a shape the compile did not make dynamic, say), it is dropped, the
   micro-batch runs as it is, and that shape is recorded the next time it comes.
 
