@@ -60,6 +60,7 @@ def _steps(folder, checkpointing, offload, mbs, pads, graphed, padding_free=Fals
     if padding_free:
         mbs = pf.deal([e for mb in mbs for e in mb], capacity=64)
 
+    torch._dynamo.reset()  # each run compiles for itself: another run's graphs would serve shapes it has not seen
     model, params, fast = _lora_model_on_gpu(folder, checkpointing, offload, graphed)
     opt = make_optimizer(params, TrainConfig(optim="adamw"))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16)
@@ -91,15 +92,20 @@ def _multiple(m):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("mode", ["recompute", "no-recompute", "offload"])
-def test_graphed_steps_equal_eager_steps(tmp_path, mode):
+@pytest.mark.parametrize("mode", ["recompute", "no-recompute", "offload", "memory-tight"])
+def test_graphed_steps_equal_eager_steps(tmp_path, mode, monkeypatch):
     """Four optimizer steps of 2 micro-batches, NF4 base, compiled layers, flat optimizer: losses,
     gradients and weights as eager. Steps 1-2 pad both micro-batches to 256: the first runs without a graph
     (the run's warm-up), the second is recorded, the rest replayed. Steps 3-4 pad to multiples of 16, two new
     lengths, each recorded at its first use in step 3 (the compile took every length already, so nothing else
     runs without a graph), the second after the first one's gradients are in the buffers, which the recording
     must leave as they were. offload: the layer inputs' copies to host memory and back are in the recording, the
-    embedding rows a static input."""
+    embedding rows a static input. memory-tight: the GPU reported nearly full, so that each recording waits for the
+    GPU and empties the allocator's cache first, as torch.cuda.graph does (graphs.py's `_capturing`)."""
+    emptied = []
+    if mode == "memory-tight":
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (1 << 30, 80 << 30))
+        monkeypatch.setattr(torch.cuda, "empty_cache", lambda empty=torch.cuda.empty_cache: emptied.append(empty()))
     tiny_hf_model(tmp_path / "m", "llama", hidden_size=256, intermediate_size=512, vocab_size=512)
     ex = uneven_batch(n=8, vocab=512)
     mbs = [[ex[0], ex[7]], [ex[1], ex[2]]]  # longest 26 and 11 tokens
@@ -107,6 +113,7 @@ def test_graphed_steps_equal_eager_steps(tmp_path, mode):
     runs = [_steps(tmp_path / "m", mode != "no-recompute", mode == "offload", mbs, pads, graphed)
             for graphed in (False, True)]
     assert len(runs[1][3].recorded) == 3 and len(runs[1][3].seen) == 1
+    assert len(emptied) == (3 if mode == "memory-tight" else 0)
     _assert_same(*runs)
 
 
@@ -119,10 +126,7 @@ def test_a_recording_that_would_compile_is_put_off(tmp_path):
     tiny_hf_model(tmp_path / "m", "llama", hidden_size=256, intermediate_size=512, vocab_size=512)
     ex = uneven_batch(n=8, vocab=512)
     mbs, pads = [[ex[0], ex[7]], [ex[1]]], [_multiple(256)] * 4  # shapes (2, 256) and (1, 256)
-    runs = []
-    for graphed in (False, True):
-        torch._dynamo.reset()  # the graphed run compiles for itself: the eager run's graphs would serve batch size 1
-        runs.append(_steps(tmp_path / "m", True, False, mbs, pads, graphed))
+    runs = [_steps(tmp_path / "m", True, False, mbs, pads, graphed) for graphed in (False, True)]
     assert len(runs[1][3].recorded) == 2 and len(runs[1][3].seen) == 2
     _assert_same(*runs)
 

@@ -87,15 +87,10 @@ def test_a_row_for_cuda_graphs_pads_with_an_example_of_its_own():
     assert cu[:5] == [0] + [sum(len(e.input_ids) for e in ex[:i + 1]) for i in range(3)] + [T] and set(cu[5:]) == {T}
     many = packing.collate(examples(11), pad_to=bucket_length)
     assert len(many["documents"].cu_seqlens) == 16 + 1
-    # the trainer pads a row coarser than a padded batch: 1024 tokens, past 16k 8 lengths per doubling; never past
-    # the rows' capacity (batch size x max length), so a run of short rows is not padded to 1024
-    assert [packing.row_length(n, 32768) for n in (1, 1024, 1025, 4097, 16384, 20000)] == [1024, 1024, 2048, 5120,
-                                                                                            16384, 20480]
-    assert packing.row_length(100, 512) == packing.row_length(512, 512) == 512 and packing.row_length(3000, 4000) == 3072
-    assert packing.row_length(3800, 4000) == 4000
-    # a long run's rows (speed.FINE_ROWS_TOKENS) take multiples of 256 instead
-    assert [packing.row_length(n, 4096, packing.FINE_ROW_MULTIPLE) for n in (1, 257, 3000, 4000)] == [256, 512, 3072,
-                                                                                                    4096]
+    # a lone row is padded to the next of the rows' lengths: multiples of capacity/8 (rounded up to 64 tokens)
+    assert packing.row_lengths(4096) == [512, 1024, 1536, 2048, 2560, 3072, 3584, 4096]
+    assert packing.row_lengths(1000) == [128, 256, 384, 512, 640, 768, 896, 1000]
+    assert [packing.row_length(n, 4096) for n in (1, 512, 513, 3585, 4096)] == [512, 512, 1024, 4096, 4096]
 
 
 def test_label_count_on_the_host_equals_the_batches_counts():
@@ -118,6 +113,77 @@ def test_deal_fills_rows_longest_first_within_the_capacity():
     total = sum(len(e.input_ids) for e in ex)
     assert len(rows) <= -(-total // 60) + 1  # first-fit decreasing: at most one row more than the tokens need
     assert packing.deal(ex, capacity=10_000) == [sorted(ex, key=lambda e: -len(e.input_ids))]
+
+
+def _partitions(items):
+    """Every way to split `items` into groups (the reference search: all of them)."""
+    if not items:
+        yield []
+        return
+    for rest in _partitions(items[1:]):
+        for i in range(len(rest)):
+            yield rest[:i] + [[items[0]] + rest[i]] + rest[i + 1:]
+        yield [[items[0]]] + rest
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_deal_to_lengths_finds_the_cheapest_rows(seed):
+    """deal_to_lengths against every partition of the step's examples (up to one row more than the tokens need):
+    its rows cost the least, a length not yet recorded counting capacity/4 more; each example once; each row within
+    its length; the lengths taken are recorded."""
+    g = torch.Generator().manual_seed(seed)
+    capacity, recorded = 4096, {4096, 2048} if seed % 2 else set()
+    ex = [D.Example([1] * n, [1] * n) for n in torch.randint(300, 1561, (7,), generator=g).tolist()]
+    ladder, before = packing.row_lengths(capacity), set(recorded)
+
+    def cost(lengths):
+        return sum(lengths) + capacity // 4 * len(set(lengths) - before)
+
+    def cheapest_lengths(groups):  # each group's shortest length, or a recorded one if that costs less in all
+        sums = [sum(len(e.input_ids) for e in grp) for grp in groups]
+        if max(sums) > capacity:
+            return None
+        options = [[t for t in ladder if t >= n] for n in sums]
+        import itertools
+        return min(itertools.product(*options), key=cost)
+
+    fewest = -(-sum(len(e.input_ids) for e in ex) // capacity)
+    want = min(cost(c) for p in _partitions(ex) if len(p) <= fewest + 1 and (c := cheapest_lengths(p)))
+    rows = packing.deal_to_lengths(ex, capacity, recorded)
+    assert cost([length for _, length in rows]) == want
+    assert sorted(id(e) for r, _ in rows for e in r) == sorted(id(e) for e in ex)
+    assert all(sum(len(e.input_ids) for e in r) <= length and length in ladder for r, length in rows)
+    assert recorded == before | {length for _, length in rows}
+
+
+def test_deal_to_lengths_takes_a_recorded_length_over_a_new_one_a_little_shorter():
+    ex = [D.Example([1] * 3500, [1] * 3500)]
+    assert packing.deal_to_lengths(ex, 4096, set()) == [(ex, 3584)]  # 3,584 + 1,024 < 4,096 + 1,024
+    assert packing.deal_to_lengths(ex, 4096, {4096}) == [(ex, 4096)]  # 4,096 < 3,584 + 1,024
+    assert packing.deal_to_lengths(ex, 4096, {4096, 3584}) == [(ex, 3584)]
+
+
+def test_rows_dealt_for_cuda_graphs_train_as_the_padded_batches(tmp_path):
+    """A step's examples as the trainer deals them under CUDA graphs (speed.Speed.make_batches: rows of a few
+    lengths, padded with an example of their own) give the padded micro-batches' loss, label count and gradients.
+    (On the CPU: attention one example at a time; the GPU's kernel is tests/test_graphs.py's.)"""
+    from minilora import speed
+    from minilora.train import TrainConfig
+
+    tiny_hf_model(tmp_path / "m", "qwen2", num_hidden_layers=2)
+    model = trainable_nf4_model(tmp_path / "m")
+    ex = examples(8, seed=3)
+    fast = speed.configure(TrainConfig(batch_size=2, max_seq_len=256, padding_free="on"), "cpu")
+    fast.graphs = True  # as on a GPU, where configure takes them
+    batches = fast.make_batches([ex[i:i + 2] for i in range(0, 8, 2)], 0)
+    lengths = [b["input_ids"].shape[1] for b in batches]
+    assert len(batches) < 4 and set(lengths) <= set(packing.row_lengths(512)) and fast.row_lengths == set(lengths)
+    padded = loss_and_grads(model, [make_batch(ex[i:i + 2], 0, "cpu") for i in range(0, 8, 2)])
+    dealt = loss_and_grads(model, batches)
+    assert dealt[1] == padded[1]
+    assert abs(dealt[0] - padded[0]) < 1e-4 * abs(padded[0])
+    for k in padded[2]:
+        torch.testing.assert_close(dealt[2][k], padded[2][k], atol=1e-5, rtol=1e-4)
 
 
 def test_padding_free_training_follows_the_padded_run(tmp_path):

@@ -416,8 +416,3 @@ def test_compile_auto_rule():
         assert fast.compile is compiled and (note is None) is compiled, (flag, tokens, note)
     cpu = speed.configure(T.TrainConfig(), "cpu")
     assert cpu.fit_to_run(T.TrainConfig(), 1, n_params) is None and not cpu.compile
-    # padding-free rows under graphs: multiples of 1024 tokens, of 256 from FINE_ROWS_TOKENS on
-    for tokens, multiple in [(speed.FINE_ROWS_TOKENS - 1, 1024), (speed.FINE_ROWS_TOKENS, 256)]:
-        fast = speed.configure(T.TrainConfig(), "cpu")
-        fast.fit_to_run(T.TrainConfig(), tokens, n_params)
-        assert fast.row_multiple == multiple, tokens

@@ -20,6 +20,7 @@ loss.py imports this package: a learner reads the plain model, and the trainer a
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Callable
@@ -60,12 +61,6 @@ COMPILED_LOGIT_ELEMENTS = 2 * LOGIT_ELEMENTS
 # the model, and saves a share of every step after it (1/3 at 1.5B, 1/4 at 8B). Measured break-evens (bench/NOTES.md,
 # section 16): ~900k tokens for the 1.5B model (1.6e15), ~360k for the 8B (2.9e15); this is ~1.1M and ~250k.
 COMPILE_AUTO_PARAM_TOKENS = 2e15
-# Padding-free rows under CUDA graphs are padded to multiples of 256 tokens (pf.FINE_ROW_MULTIPLE) in a run of at least
-# this many tokens per process, of 1024 (pf.ROW_MULTIPLE) in a shorter one. Each row length costs one recording, about
-# a step's time; the fine multiple makes ~12 more lengths at the seeds' 4,096-token rows and saves ~5.6% of every
-# step's tokens (bench/results/padding_free_rows-simulation.txt): it repays them after ~300 steps, ~2.5M tokens.
-FINE_ROWS_TOKENS = 2_500_000
-
 
 def _asked(cfg) -> dict[str, bool]:
     """The features a user turns on with a flag, of those CLASHES names."""
@@ -116,7 +111,7 @@ class Speed:
     triton: bool
     compile: bool
     graphs: bool
-    row_multiple: int = pf.ROW_MULTIPLE  # padding-free under graphs: rows padded to multiples of this (fit_to_run)
+    row_lengths: set[int] = dataclasses.field(default_factory=set)  # padding-free under graphs: the lengths taken
     loss: Callable = causal_lm_loss  # what the micro-step and the eval call: with compiled chunks once attached
     host_embedding: HostEmbedding | None = None
 
@@ -144,11 +139,9 @@ class Speed:
         return flatten_for_optimizer([p for p in model.parameters() if p.requires_grad])
 
     def fit_to_run(self, cfg, run_tokens: int, n_params: int) -> str | None:
-        """The choices that wait for the run's length and the model: padding-free rows of a run of FINE_ROWS_TOKENS or
-        more are padded finely; under --compile auto, a run whose n_params x run_tokens is below
-        COMPILE_AUTO_PARAM_TOKENS is not compiled. Returns the line that tells the user so, or None."""
-        if run_tokens >= FINE_ROWS_TOKENS:
-            self.row_multiple = pf.FINE_ROW_MULTIPLE
+        """The choice that waits for the run's length and the model: under --compile auto, a run whose
+        n_params x run_tokens is below COMPILE_AUTO_PARAM_TOKENS is not compiled. Returns the line that tells the user
+        so, or None."""
         pays_from = round(COMPILE_AUTO_PARAM_TOKENS / n_params)  # tokens
         if cfg.compile != "auto" or not self.compile or run_tokens >= pays_from:
             return None
@@ -157,18 +150,22 @@ class Speed:
                 f"{pays_from:,}); --compile on compiles anyway")
 
     def make_batches(self, micro_batches: list[list], pad_id: int) -> list[dict]:
-        """A step's micro-batches on the device; padding-free, its examples dealt into full rows (padding_free.py)."""
-        if self.padding_free and self.deal:
-            micro_batches = pf.deal([e for mb in micro_batches for e in mb], self.row_tokens)
-        return [self.make_batch(mb, pad_id) for mb in micro_batches]
+        """A step's micro-batches on the device; padding-free, its examples dealt into full rows, under CUDA graphs
+        into rows of a few lengths (padding_free.py)."""
+        if not (self.padding_free and self.deal):
+            return [self.make_batch(mb, pad_id) for mb in micro_batches]
+        examples = [e for mb in micro_batches for e in mb]
+        if not self.graphs:
+            return [self.make_batch(row, pad_id) for row in pf.deal(examples, self.row_tokens)]
+        return [make_batch(row, pad_id, self.device, True, lambda n, length=length: length, self.host_embedding)
+                for row, length in pf.deal_to_lengths(examples, self.row_tokens, self.row_lengths)]
 
     def make_batch(self, examples, pad_id: int, training: bool = True) -> dict:
         """A micro-batch as these choices want it: padded or padding-free; under CUDA graphs (training only) padded
         to few lengths; with its embedding rows looked up on the host in lean mode."""
         pad_to = None
         if self.graphs and training:
-            pad_to = (functools.partial(pf.row_length, capacity=self.row_tokens, multiple=self.row_multiple)
-                      if self.padding_free else bucket_length)
+            pad_to = functools.partial(pf.row_length, capacity=self.row_tokens) if self.padding_free else bucket_length
         return make_batch(examples, pad_id, self.device, self.padding_free, pad_to, self.host_embedding)
 
     def record(self, step, params: list[torch.Tensor], scaler=None):

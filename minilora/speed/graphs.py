@@ -12,8 +12,8 @@ What a recording needs, and how it gets it here:
 - Fixed shapes and addresses. Each micro-batch shape (B, T, and its other inputs' shapes) gets its own
   graph, reading static input tensors that each batch is copied into; batches are padded to
   `bucket_length(T)` (a multiple of 256; past 2048 tokens, 8 lengths per doubling), so a data set needs
-  a handful of graphs (a padding-free row, padding_free.py, is padded to a multiple of 1024 and adds its
-  positions and example bounds, in a few sizes). They share
+  a handful of graphs (padding-free rows, padding_free.py, take a few lengths, chosen step by step, and add
+  their positions and example bounds, in a few sizes). They share
   one memory pool: they run one at a time, and what one leaves behind (the loss) is read before the
   next runs.
 - Nothing that waits for the GPU inside: the loss keeps every position, unlabelled ones weighing 0
@@ -35,12 +35,15 @@ What a recording needs, and how it gets it here:
   if a recording would compile after all (a shape the compile did not make dynamic, say), it is dropped, the
   micro-batch runs as it is, and that shape is recorded the next time it comes.
 
-Cost: each shape costs a recording (the step's Python run once, with no kernels, then the graph's build), once;
+Cost: each shape costs a recording (the step's Python run once, with no kernels, then the graph's build), once,
+made while the GPU runs the step's earlier micro-batches (`_capturing`);
 the pool keeps the memory of the recorded steps' activations between replays (bench/NOTES.md, sections
 9 and 16, have the figures).
 Reference: tests/test_graphs.py compares losses and LoRA gradients with the eager step on a GPU.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -55,7 +58,7 @@ def bucket_length(T: int, multiple: int = PAD_MULTIPLE) -> int:
     """The length a micro-batch of longest example T is padded to, so that few shapes are recorded: a
     multiple of 256, and past 2048 tokens a multiple of 1/16 of the next power of two (8 lengths per
     doubling, at most 12.5% padding): 8 graphs up to 2048 tokens, 16 up to 4096, 64 up to 256k.
-    (padding_free.py's rows use multiple=1024, and so 8 lengths per doubling past 16k.)"""
+    (padding_free.py pads its rows to lengths of its own: row_lengths.)"""
     step = max(multiple, 1 << max(0, (T - 1).bit_length() - 4))
     return -(-T // step) * step
 
@@ -79,6 +82,7 @@ class GraphedMicroBatches:
         self.seen: set[tuple] = set()  # the shapes run without a graph: the warm-up, and any whose recording failed
         self.recorded: dict[tuple, tuple] = {}  # the inputs' shapes -> (graph, static inputs, scale, loss_sum)
         self.pool = torch.cuda.graph_pool_handle()
+        self.stream = torch.cuda.Stream()  # recordings are made on a stream of their own, as torch.cuda.graph does
         self.grads = [torch.zeros_like(p) for p in params]
 
     def __call__(self, batch: dict, inv_n: float) -> torch.Tensor:
@@ -121,7 +125,7 @@ class GraphedMicroBatches:
         scale = torch.full((), inv_n, dtype=torch.float32, device=ids.device)
         graph = torch.cuda.CUDAGraph()
         try:  # a recording runs no kernels: the gradients are left as they are, for the replay to add into
-            with torch.cuda.graph(graph, pool=self.pool):
+            with self._capturing(graph):
                 loss_sum = self.step(static, scale)
         except torch.OutOfMemoryError:
             raise  # the trainer's out-of-memory advice applies as it is
@@ -131,3 +135,23 @@ class GraphedMicroBatches:
             raise GraphRecordingError(f"recording a CUDA graph of a {tuple(ids.shape)} micro-batch failed: "
                                       f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
         return graph, replay_inputs(static), scale, loss_sum
+
+    @contextlib.contextmanager
+    def _capturing(self, graph: torch.cuda.CUDAGraph):
+        """What `torch.cuda.graph(graph, pool=self.pool)` does, less its first two steps where memory is ample:
+        it waits for the GPU to finish everything queued and empties the allocator's cache, so that the recording's
+        pool can take that memory. Here the recording's host pass (0.3-0.4 s for the 1.5B model) runs while the
+        GPU still works through the step's earlier micro-batches, instead of after them with the GPU idle. With
+        less than a quarter of the GPU's memory free, it drains and empties the cache first, as torch does."""
+        free, total = torch.cuda.mem_get_info()
+        if free < total // 4:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        self.stream.wait_stream(torch.cuda.current_stream())  # the static inputs' copies come first
+        with torch.cuda.stream(self.stream):
+            graph.capture_begin(pool=self.pool)
+            try:
+                yield
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream().wait_stream(self.stream)

@@ -22,33 +22,42 @@ it cuts the data into rows, which changes the examples a step sees.) Fewer, full
 passes and larger matmuls. Under --fsdp each rank keeps its micro-batches as they are, one row
 each: every rank must make the same number of passes, for the shards' gathers.
 
-Under CUDA graphs (graphs.py) a row is padded to `row_length`, the padding one more example of
-its own whose labels are all IGNORE, and `cu_seqlens` to a power-of-two count (zero-length
-examples at its end), so that a handful of shapes cover every step. The kernel's launch covers
-the row's whole length for each example, so that bound is fixed too.
+Under CUDA graphs (graphs.py) each row length is one more recording, so rows are padded to a few
+lengths, the padding one more example of its own whose labels are all IGNORE, and `cu_seqlens` to
+a power-of-two count (zero-length examples at its end). The kernel's launch covers the row's whole
+length for each example, so that bound is fixed too. Which lengths: `deal_to_lengths` picks, for
+each step, the row lengths (multiples of capacity/8) with the fewest tokens that its examples can
+be dealt into, counting a length not yet recorded as a quarter row more: a recording costs about a
+step and a half, and a length that saves less than that in the step it first comes is seldom worth
+recording. On the 1.5B job's records that fills ~95% of the rows' tokens with 3-4 lengths, where
+first-fit rows padded to multiples of 1024 filled 91.6% with 4 (bench/NOTES.md, section 18).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import combinations_with_replacement
+from math import comb
 
 import torch
 import torch.nn.functional as F
 
 from ..loss import IGNORE
-from .graphs import bucket_length
 
 MIN_SLOTS = 8  # cu_seqlens holds a power of two of examples, at least this many: few shapes to record
-ROW_MULTIPLE = 1024  # under CUDA graphs a row is padded to a multiple of this (past 16k tokens, 8 per doubling)
-FINE_ROW_MULTIPLE = 256  # ... or of this, in a run long enough to repay the extra recordings (speed.FINE_ROWS_TOKENS)
+LENGTHS = 8  # under CUDA graphs a row is padded to a multiple of its capacity / LENGTHS (rounded up to 64 tokens)
+SEARCH_LIMIT = 2000  # deal_to_lengths tries at most this many choices of lengths, each dealing at most this many times
 
 
-def row_length(n: int, capacity: int, multiple: int = ROW_MULTIPLE) -> int:
-    """The length a padding-free row of n tokens (of at most `capacity`) is padded to under CUDA graphs: a
-    multiple of `multiple`, never past the capacity (short rows are not padded to it). Dealt rows are nearly
-    full, so only a step's last row varies, and each length costs a recording, once: the 1.5B job's epoch takes 4
-    lengths and 9% padding at 1024 tokens, 13 lengths and 4% at 256 (bench/results/padding_free_rows-simulation.txt),
-    so short runs take the coarse multiple and long ones the fine."""
-    return min(bucket_length(n, multiple), max(n, capacity))
+def row_lengths(capacity: int) -> list[int]:
+    """The lengths a row of at most `capacity` tokens is padded to under CUDA graphs: multiples of capacity/8
+    (rounded up to 64, which tensor cores like), the last the capacity itself."""
+    unit = -(-capacity // (LENGTHS * 64)) * 64
+    return sorted({min(unit * j, capacity) for j in range(1, LENGTHS + 1)})
+
+
+def row_length(n: int, capacity: int) -> int:
+    """The shortest of `row_lengths(capacity)` that holds n tokens (a lone row, not dealt: deal_to_lengths)."""
+    return next(length for length in row_lengths(capacity) if length >= n)
 
 
 @dataclass(frozen=True)
@@ -149,6 +158,62 @@ def deal(examples: list, capacity: int) -> list[list]:
         rows[i].append(e)
         room[i] -= n
     return rows
+
+
+def deal_to_lengths(examples: list, capacity: int, recorded: set[int]) -> list[tuple[list, int]]:
+    """A step's examples in rows under CUDA graphs, each with the length it is padded to: the choice of
+    `row_lengths(capacity)` with the fewest tokens, a length not in `recorded` counting capacity/4 more (the module's
+    docstring says why), that the examples can be dealt into. First-fit decreasing gives the choice to beat; then
+    every choice of as many rows as the tokens need, or one more, is tried, cheapest first. Adds the lengths taken to
+    `recorded`."""
+    ladder, penalty = row_lengths(capacity), capacity // 4
+
+    def cost(lengths) -> int:
+        return sum(lengths) + penalty * len(set(lengths) - recorded)
+
+    longest_first = sorted(examples, key=lambda e: -len(e.input_ids))
+    rows = deal(longest_first, capacity)
+    best = [row_length(sum(len(e.input_ids) for e in r), capacity) for r in rows], rows
+    total = sum(len(e.input_ids) for e in examples)
+    fewest = -(-total // capacity)
+    for k in (fewest, fewest + 1):
+        if comb(len(ladder) + k - 1, k) > SEARCH_LIMIT or len(examples) > 100:
+            break  # a step of many rows or examples (the search recurses once per example): first-fit's rows
+        choices = sorted((c for c in combinations_with_replacement(ladder, k) if sum(c) >= total), key=cost)
+        for lengths in choices:
+            if cost(lengths) >= cost(best[0]):
+                break
+            if (dealt := _deal_into(longest_first, sorted(lengths, reverse=True))) is not None:
+                best = sorted(lengths, reverse=True), dealt
+                break
+    dealt = [(r, length) for r, length in zip(*reversed(best)) if r]
+    recorded.update(length for _, length in dealt)
+    return dealt
+
+
+def _deal_into(examples: list, lengths: list[int]) -> list[list] | None:
+    """The examples (longest first) in rows of the given lengths, or None where they do not fit (or the search
+    takes more than SEARCH_LIMIT placements). A depth-first search; rows with the same room left are one choice."""
+    room, rows, tries = list(lengths), [[] for _ in lengths], 0
+
+    def place(i: int) -> bool:
+        nonlocal tries
+        if i == len(examples):
+            return True
+        tries += 1
+        n, seen = len(examples[i].input_ids), set()
+        for r in range(len(room)):
+            if n <= room[r] and room[r] not in seen and tries <= SEARCH_LIMIT:
+                seen.add(room[r])
+                room[r] -= n
+                rows[r].append(examples[i])
+                if place(i + 1):
+                    return True
+                room[r] += n
+                rows[r].pop()
+        return False
+
+    return rows if place(0) else None
 
 
 def flash_available(device) -> bool:
