@@ -90,7 +90,7 @@ def test_a_row_for_cuda_graphs_pads_with_an_example_of_its_own():
     # a lone row is padded to the next of the rows' lengths: multiples of capacity/8 (rounded up to 64 tokens)
     assert packing.row_lengths(4096) == [512, 1024, 1536, 2048, 2560, 3072, 3584, 4096]
     assert packing.row_lengths(1000) == [128, 256, 384, 512, 640, 768, 896, 1000]
-    assert [packing.row_length(n, 4096) for n in (1, 512, 513, 3585, 4096)] == [512, 512, 1024, 4096, 4096]
+    assert [packing.row_length(n, 4096) for n in (1, 512, 513, 3585, 4096, 5000)] == [512, 512, 1024, 4096, 4096, 5000]
 
 
 def test_label_count_on_the_host_equals_the_batches_counts():

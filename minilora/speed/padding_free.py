@@ -56,8 +56,9 @@ def row_lengths(capacity: int) -> list[int]:
 
 
 def row_length(n: int, capacity: int) -> int:
-    """The shortest of `row_lengths(capacity)` that holds n tokens (a lone row, not dealt: deal_to_lengths)."""
-    return next(length for length in row_lengths(capacity) if length >= n)
+    """The shortest of `row_lengths(capacity)` that holds n tokens (a lone row, not dealt: deal_to_lengths); n itself
+    past the capacity."""
+    return next((length for length in row_lengths(capacity) if length >= n), n)
 
 
 @dataclass(frozen=True)
