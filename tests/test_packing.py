@@ -177,7 +177,7 @@ def test_rows_dealt_for_cuda_graphs_train_as_the_padded_batches(tmp_path):
     fast.graphs = True  # as on a GPU, where configure takes them
     batches = fast.make_batches([ex[i:i + 2] for i in range(0, 8, 2)], 0)
     lengths = [b["input_ids"].shape[1] for b in batches]
-    assert len(batches) < 4 and set(lengths) <= set(packing.row_lengths(512)) and fast.row_lengths == set(lengths)
+    assert len(batches) < 4 and set(lengths) <= set(packing.row_lengths(512)) and fast.recorded_lengths == set(lengths)
     padded = loss_and_grads(model, [make_batch(ex[i:i + 2], 0, "cpu") for i in range(0, 8, 2)])
     dealt = loss_and_grads(model, batches)
     assert dealt[1] == padded[1]

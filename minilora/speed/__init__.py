@@ -20,9 +20,8 @@ loss.py imports this package: a learner reads the plain model, and the trainer a
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -111,7 +110,7 @@ class Speed:
     triton: bool
     compile: bool
     graphs: bool
-    row_lengths: set[int] = dataclasses.field(default_factory=set)  # padding-free under graphs: the lengths taken
+    recorded_lengths: set[int] = field(default_factory=set)  # padding-free under graphs: the row lengths taken so far
     loss: Callable = causal_lm_loss  # what the micro-step and the eval call: with compiled chunks once attached
     host_embedding: HostEmbedding | None = None
 
@@ -158,7 +157,7 @@ class Speed:
         if not self.graphs:
             return [self.make_batch(row, pad_id) for row in pf.deal(examples, self.row_tokens)]
         return [make_batch(row, pad_id, self.device, True, lambda n, length=length: length, self.host_embedding)
-                for row, length in pf.deal_to_lengths(examples, self.row_tokens, self.row_lengths)]
+                for row, length in pf.deal_to_lengths(examples, self.row_tokens, self.recorded_lengths)]
 
     def make_batch(self, examples, pad_id: int, training: bool = True) -> dict:
         """A micro-batch as these choices want it: padded or padding-free; under CUDA graphs (training only) padded
