@@ -100,12 +100,12 @@ def test_graphed_steps_equal_eager_steps(tmp_path, mode, monkeypatch):
     lengths, each recorded at its first use in step 3 (the compile took every length already, so nothing else
     runs without a graph), the second after the first one's gradients are in the buffers, which the recording
     must leave as they were. offload: the layer inputs' copies to host memory and back are in the recording, the
-    embedding rows a static input. memory-tight: the GPU reported nearly full, so that each recording waits for the
-    GPU and empties the allocator's cache first, as torch.cuda.graph does (graphs.py's `_capturing`)."""
-    emptied = []
-    if mode == "memory-tight":
-        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (1 << 30, 80 << 30))
-        monkeypatch.setattr(torch.cuda, "empty_cache", lambda empty=torch.cuda.empty_cache: emptied.append(empty()))
+    embedding rows a static input. The GPU is reported empty, so that each recording starts while the GPU still
+    runs what came before it; memory-tight: nearly full, so that each waits for the GPU and empties the allocator's
+    cache first, as torch.cuda.graph does (graphs.py's `_capture`)."""
+    emptied, free = [], (1 if mode == "memory-tight" else 80) << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (free, 80 << 30))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda empty=torch.cuda.empty_cache: emptied.append(empty()))
     tiny_hf_model(tmp_path / "m", "llama", hidden_size=256, intermediate_size=512, vocab_size=512)
     ex = uneven_batch(n=8, vocab=512)
     mbs = [[ex[0], ex[7]], [ex[1], ex[2]]]  # longest 26 and 11 tokens

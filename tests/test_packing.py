@@ -8,6 +8,8 @@ with the decoder layers compiled, padded as CUDA graphs pad it or not; and a tra
 --padding-free, whose steps deal their micro-batches' examples into fuller rows, must follow the
 padded run step for step. (The GPU's variable-length kernel: tests/test_graphs.py.)
 """
+import itertools
+
 import pytest
 import torch
 
@@ -144,7 +146,6 @@ def test_deal_to_lengths_finds_the_cheapest_rows(seed):
         if max(sums) > capacity:
             return None
         options = [[t for t in ladder if t >= n] for n in sums]
-        import itertools
         return min(itertools.product(*options), key=cost)
 
     fewest = -(-sum(len(e.input_ids) for e in ex) // capacity)
@@ -154,6 +155,18 @@ def test_deal_to_lengths_finds_the_cheapest_rows(seed):
     assert sorted(id(e) for r, _ in rows for e in r) == sorted(id(e) for e in ex)
     assert all(sum(len(e.input_ids) for e in r) <= length and length in ladder for r, length in rows)
     assert recorded == before | {length for _, length in rows}
+
+
+def test_deal_to_lengths_of_a_step_too_large_to_search_takes_first_fit_rows():
+    """Past 100 examples, or more rows than SEARCH_LIMIT choices of lengths allow, the rows are first-fit's: each
+    example once, each row within the shortest length that holds it."""
+    g = torch.Generator().manual_seed(0)
+    for n, low, high in ((150, 10, 60), (40, 900, 1100)):
+        ex = [D.Example([1] * k, [1] * k) for k in torch.randint(low, high, (n,), generator=g).tolist()]
+        rows = packing.deal_to_lengths(ex, 4096, set())
+        assert sorted(id(e) for r, _ in rows for e in r) == sorted(id(e) for e in ex)
+        assert [length for _, length in rows] == [packing.row_length(sum(len(e.input_ids) for e in r), 4096)
+                                                  for r in packing.deal(ex, 4096)]
 
 
 def test_deal_to_lengths_takes_a_recorded_length_over_a_new_one_a_little_shorter():

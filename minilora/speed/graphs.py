@@ -36,7 +36,7 @@ What a recording needs, and how it gets it here:
   micro-batch runs as it is, and that shape is recorded the next time it comes.
 
 Cost: each shape costs a recording (the step's Python run once, with no kernels, then the graph's build), once,
-made while the GPU runs the step's earlier micro-batches (`_capturing`);
+made while the GPU runs the step's earlier micro-batches (`_capture`);
 the pool keeps the memory of the recorded steps' activations between replays (bench/NOTES.md, sections
 9 and 16, have the figures).
 Reference: tests/test_graphs.py compares losses and LoRA gradients with the eager step on a GPU.
@@ -123,10 +123,15 @@ class GraphedMicroBatches:
         static = {k: v.clone() for k, v in batch.items()}  # tensors, and a padding-free row's Documents
         ids = static["input_ids"]
         scale = torch.full((), inv_n, dtype=torch.float32, device=ids.device)
-        graph = torch.cuda.CUDAGraph()
+        free, total = torch.cuda.mem_get_info()
+        tight = free < total // 4
         try:  # a recording runs no kernels: the gradients are left as they are, for the replay to add into
-            with self._capturing(graph):
-                loss_sum = self.step(static, scale)
+            try:
+                graph, loss_sum = self._capture(static, scale, drain=tight)
+            except torch.OutOfMemoryError:
+                if tight:
+                    raise
+                graph, loss_sum = self._capture(static, scale, drain=True)  # the cache held what it needed
         except torch.OutOfMemoryError:
             raise  # the trainer's out-of-memory advice applies as it is
         except RuntimeError as e:
@@ -136,22 +141,27 @@ class GraphedMicroBatches:
                                       f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
         return graph, replay_inputs(static), scale, loss_sum
 
-    @contextlib.contextmanager
-    def _capturing(self, graph: torch.cuda.CUDAGraph):
-        """What `torch.cuda.graph(graph, pool=self.pool)` does, less its first two steps where memory is ample:
-        it waits for the GPU to finish everything queued and empties the allocator's cache, so that the recording's
-        pool can take that memory. Here the recording's host pass (0.3-0.4 s for the 1.5B model) runs while the
-        GPU still works through the step's earlier micro-batches, instead of after them with the GPU idle. With
-        less than a quarter of the GPU's memory free, it drains and empties the cache first, as torch does."""
-        free, total = torch.cuda.mem_get_info()
-        if free < total // 4:
+    def _capture(self, static: dict, scale: torch.Tensor, drain: bool):
+        """(graph, loss_sum): `self.step` recorded on a stream of its own into the shared pool, as
+        `torch.cuda.graph(graph, pool=self.pool)` records it, less its first steps: it waits for the GPU to finish
+        everything queued and empties the allocator's caches, so that the recording can take that memory. Without
+        the wait, the recording's host pass (0.3-0.4 s for the 1.5B model) runs while the GPU still works through
+        the step's earlier micro-batches, instead of after them with the GPU idle. With `drain` (`_record` asks for it
+        where less than a quarter of the GPU's memory is free, or after running out of memory) it waits and empties
+        the device's cache first."""
+        if drain:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
+        graph = torch.cuda.CUDAGraph()
         self.stream.wait_stream(torch.cuda.current_stream())  # the static inputs' copies come first
         with torch.cuda.stream(self.stream):
             graph.capture_begin(pool=self.pool)
             try:
-                yield
-            finally:
-                graph.capture_end()
+                loss_sum = self.step(static, scale)
+            except BaseException:
+                with contextlib.suppress(RuntimeError):  # the capture is broken: the first error is the one to tell
+                    graph.capture_end()
+                raise
+            graph.capture_end()
         torch.cuda.current_stream().wait_stream(self.stream)
+        return graph, loss_sum

@@ -27,10 +27,13 @@ lengths, the padding one more example of its own whose labels are all IGNORE, an
 a power-of-two count (zero-length examples at its end). The kernel's launch covers the row's whole
 length for each example, so that bound is fixed too. Which lengths: `deal_to_lengths` picks, for
 each step, the row lengths (multiples of capacity/8) with the fewest tokens that its examples can
-be dealt into, counting a length not yet recorded as a quarter row more: a recording costs about a
-step and a half, and a length that saves less than that in the step it first comes is seldom worth
-recording. On the 1.5B job's records that fills ~95% of the rows' tokens with 3-4 lengths, where
-first-fit rows padded to multiples of 1024 filled 91.6% with 4 (bench/NOTES.md, section 18).
+be dealt into, counting a length not yet recorded as a quarter row more. A recording costs about a
+step and a half of GPU time, so a new length pays only where it is used often; the quarter row, the
+saving asked of it in the step where it first comes, was the best or near it of the penalties
+tried on several spreads of lengths (bench/NOTES.md, section 18). Rows of more than 7 examples take
+more `cu_seqlens` slots, another shape the penalty does not count (the seeds' rows hold 2-7). On
+the 1.5B job's records this fills ~95% of the rows' tokens with 3-4 lengths, where first-fit rows
+padded to multiples of 1024 filled 91.6% with 4.
 """
 from __future__ import annotations
 
@@ -235,6 +238,8 @@ def collate(examples, pad_id: int = 0, pad_to=None, flash: bool = False) -> dict
         bounds.append(len(ids))
     if pad_to is not None:
         T = pad_to(len(ids))
+        if T < len(ids):
+            raise ValueError(f"a padding-free row of {len(ids)} tokens cannot be padded to {T}")
         if T > len(ids):  # the padding: an example of its own, trained on nothing
             positions += range(T - len(ids))
             labels += [IGNORE] * (T - len(ids))
