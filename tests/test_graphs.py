@@ -2,7 +2,8 @@
 
 References: torch's cross-entropy over full logits (the every-position loss, on the CPU), and
 minilora's eager step, whose own correctness test_train.py checks against torch (the graphed
-step on a GPU: the same model, the same batches, replayed instead of run).
+step on a GPU: the same model, the same batches, replayed instead of run). Which recordings wait for
+the GPU to drain first is a decision checked on any machine, the capture stood in for.
 """
 import pytest
 import torch
@@ -201,6 +202,42 @@ def test_graphed_steps_with_the_mlp_in_pieces(tmp_path, monkeypatch):
     runs = [_steps(tmp_path / "m", True, False, mbs, pads, graphed) for graphed in (False, True)]
     assert len(runs[1][3].recorded) == 1
     _assert_same(*runs)
+
+
+@pytest.mark.parametrize("free_gib,fails,first_use,drains,outcome", [
+    (80, None, True, [False], "recorded"),  # memory to spare: recorded at once, the GPU not drained
+    (1, None, True, [True], "recorded"),  # memory tight: drained first, as torch.cuda.graph does
+    (80, "oom", True, [False, True], "recorded"),  # out of memory undrained: once more, drained
+    (80, "recompile", True, [False], None),  # a first use's refused recompile: put off to the shape's next use
+    (80, "other", False, [False, True], "recorded"),  # any failure of a later use: once more, drained
+    (1, "other", False, [True], "error"),  # drained already: the trainer's GraphRecordingError
+])
+def test_which_recordings_drain_the_gpu(monkeypatch, free_gib, fails, first_use, drains, outcome):
+    """graphs.py's `_record`, its capture stood in for (the decisions alone, so on any machine): a recording starts
+    without waiting for the GPU where a quarter of its memory is free, and is made again drained if that fails."""
+    from minilora.speed.graphs import GraphedMicroBatches, GraphRecordingError
+
+    errors = {"oom": torch.OutOfMemoryError("CUDA out of memory"), "other": RuntimeError("capture failed"),
+              "recompile": RuntimeError("Detected recompile when torch.compile stance is 'fail_on_recompile'")}
+    asked = []
+
+    def capture(static, scale, drain):
+        asked.append(drain)
+        if fails and (not drain or free_gib == 1):
+            raise errors[fails]
+        return "graph", torch.zeros(())
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (free_gib << 30, 80 << 30))
+    graphs = object.__new__(GraphedMicroBatches)  # no pool or stream: nothing here touches a GPU
+    monkeypatch.setattr(graphs, "_capture", capture, raising=False)
+    batch = {"input_ids": torch.zeros(1, 8, dtype=torch.long), "labels": torch.zeros(1, 8, dtype=torch.long)}
+    if outcome == "error":
+        with pytest.raises(GraphRecordingError, match="capture failed"):
+            graphs._record(batch, 0.5, first_use)
+    else:
+        got = graphs._record(batch, 0.5, first_use)
+        assert (got is None) if outcome is None else got[0] == "graph"
+    assert asked == drains
 
 
 def test_bucket_lengths():

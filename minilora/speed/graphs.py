@@ -128,10 +128,12 @@ class GraphedMicroBatches:
         try:  # a recording runs no kernels: the gradients are left as they are, for the replay to add into
             try:
                 graph, loss_sum = self._capture(static, scale, drain=tight)
-            except torch.OutOfMemoryError:
-                if tight:
+            except RuntimeError as e:
+                # once more as torch.cuda.graph records, drained: after running out of memory (the cache held what the
+                # recording needed) or any other failure, but a first use's refused recompile (kept for its next use)
+                if tight or (first_use and not isinstance(e, torch.OutOfMemoryError)):
                     raise
-                graph, loss_sum = self._capture(static, scale, drain=True)  # the cache held what it needed
+                graph, loss_sum = self._capture(static, scale, drain=True)
         except torch.OutOfMemoryError:
             raise  # the trainer's out-of-memory advice applies as it is
         except RuntimeError as e:
@@ -147,8 +149,8 @@ class GraphedMicroBatches:
         everything queued and empties the allocator's caches, so that the recording can take that memory. Without
         the wait, the recording's host pass (0.3-0.4 s for the 1.5B model) runs while the GPU still works through
         the step's earlier micro-batches, instead of after them with the GPU idle. With `drain` (`_record` asks for it
-        where less than a quarter of the GPU's memory is free, or after running out of memory) it waits and empties
-        the device's cache first."""
+        where less than a quarter of the GPU's memory is free, or after a recording without it failed) it waits and
+        empties the device's cache first."""
         if drain:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
