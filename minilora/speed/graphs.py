@@ -130,7 +130,8 @@ class GraphedMicroBatches:
                 graph, loss_sum = self._capture(static, scale, drain=tight)
             except RuntimeError as e:
                 # once more as torch.cuda.graph records, drained: after running out of memory (the cache held what the
-                # recording needed) or any other failure, but a first use's refused recompile (kept for its next use)
+                # recording needed) or any other failure, but a first use's other failures (a refused recompile, say:
+                # the shape is recorded at its next use)
                 if tight or (first_use and not isinstance(e, torch.OutOfMemoryError)):
                     raise
                 graph, loss_sum = self._capture(static, scale, drain=True)
