@@ -92,9 +92,9 @@ class TrainConfig:
     cuda_graphs: str = _f("auto", "replay each micro-batch's forward and backward from a CUDA graph: no per-kernel "
                                   "host cost (1.5B: 2.4x the tokens/s); pads lengths to a multiple of 256 (past 2048 "
                                   "tokens, to one of 8 lengths per doubling; padding-free rows to multiples of "
-                                  "batch-size x max-seq-len / 8, a few chosen per step) and computes the loss at prompt positions too (graphs.py). "
-                                  "auto: on a CUDA GPU with bf16 unless --fsdp, --dropout > 0, several processes, or "
-                                  "batch-size x max-seq-len over 32768 tokens",
+                                  "batch-size x max-seq-len / 8, a few chosen per step) and computes the loss at "
+                                  "prompt positions too (graphs.py). auto: on a CUDA GPU with bf16 unless --fsdp, "
+                                  "--dropout > 0, several processes, or batch-size x max-seq-len over 32768 tokens",
                           ("auto", "on", "off"))
     # eval, saving and run control
     eval_fraction: float = _f(0.05, "fraction of the data held out for eval (ignored with --eval-data)")

@@ -190,7 +190,8 @@ def deal_to_lengths(examples: list, capacity: int, recorded: set[int]) -> list[t
             if (dealt := _deal_into(longest_first, sorted(lengths, reverse=True))) is not None:
                 best = sorted(lengths, reverse=True), dealt
                 break
-    dealt = [(r, length) for r, length in zip(*reversed(best)) if r]
+    lengths, rows = best
+    dealt = [(r, length) for r, length in zip(rows, lengths) if r]
     recorded.update(length for _, length in dealt)
     return dealt
 
