@@ -187,8 +187,9 @@ def deal_to_lengths(examples: list, capacity: int, recorded: set[int]) -> list[t
         for lengths in choices:
             if cost(lengths) >= cost(best[0]):
                 break
-            if (dealt := _deal_into(longest_first, sorted(lengths, reverse=True))) is not None:
-                best = sorted(lengths, reverse=True), dealt
+            longest_row_first = lengths[::-1]  # combinations_with_replacement lists each choice shortest first
+            if (dealt := _deal_into(longest_first, longest_row_first)) is not None:
+                best = longest_row_first, dealt
                 break
     lengths, rows = best
     dealt = [(r, length) for r, length in zip(rows, lengths) if r]
