@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from . import run_command
 from .adapter import CHAT_TEMPLATE, load_adapter, read_adapter_config
 from .chat import ChatError, chat_format
 from .checkpoint import load_model, pick_device, resolve_model
@@ -482,4 +483,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

@@ -39,7 +39,7 @@ from . import data as D
 from . import distributed as dp
 from .adapter import adapter_config, save_adapter
 from .checkpoint import default_dtype, load_model, pick_device, resolve_model
-from . import STARTED, config, speed
+from . import STARTED, config, run_command, speed
 from .config import TrainConfig, UsageError  # noqa: F401  (UsageError: what parse_config raises)
 from .loss import IGNORE, causal_lm_loss
 from .lora import apply_lora, count_parameters, describe_trainable
@@ -406,4 +406,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM saves a checkpoint too
-    main()
+    run_command(main)

@@ -50,6 +50,7 @@ import torch
 from huggingface_hub.utils import tqdm
 from safetensors.torch import save_file
 
+from .. import run_command
 from ..adapter import CHAT_TEMPLATE, adapter_scale, check_adapter_base, read_adapter_config, read_adapter_tensors
 from ..atomic import atomic_dir
 from ..chat import for_inference
@@ -303,4 +304,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)
