@@ -101,9 +101,9 @@ def train(cfg: TrainConfig) -> dict:
     def step_batches(position: int):
         """The step's micro-batches from `position` of the data (drawn at batch_size x world, the same on every
         rank); this rank's slice of them on the device (padding-free: dealt into rows), and its label tokens."""
-        epoch, offset = divmod(position, len(train_set))
-        order = D.epoch_order(len(train_set), cfg.seed, epoch, lengths, cfg.batch_size * dp.world())
-        mbs = micro_batches(train_set, order, offset, cfg.grad_accum, cfg.batch_size * dp.world())
+        size = cfg.batch_size * dp.world()
+        order = functools.partial(D.epoch_order, len(train_set), cfg.seed, lengths=lengths, batch=size)
+        mbs = micro_batches(train_set, order, position, cfg.grad_accum, size)
         mine = rank_slice(mbs, dp.rank(), dp.world())
         return mbs, fast.make_batches(mine, pad_id), D.label_count([e for mb in mine for e in mb])
 
@@ -308,12 +308,20 @@ def lr_at(step: int, cfg, total_steps: int) -> float:
 
 # ----------------------------------------------------------------------------- batches
 
-def micro_batches(examples, order, start: int, count: int, batch_size: int):
-    """`count` micro-batches of `batch_size` from position `start` of `order` (cyclic)."""
+def micro_batches(examples, epoch_order, start: int, count: int, batch_size: int):
+    """`count` micro-batches of `batch_size` from position `start` of the data. Position p is the example
+    `epoch_order(epoch=p // n)[p % n]`: a step that crosses an epoch's end goes on with the next epoch's shuffle, so
+    each epoch draws each example once."""
+    n, orders = len(examples), {}
     out = []
     for b in range(count):
-        idx = [order[(start + b * batch_size + i) % len(order)] for i in range(batch_size)]
-        out.append([examples[i] for i in idx])
+        mb = []
+        for p in range(start + b * batch_size, start + (b + 1) * batch_size):
+            epoch, i = divmod(p, n)
+            if epoch not in orders:
+                orders[epoch] = epoch_order(epoch=epoch)
+            mb.append(examples[orders[epoch][i]])
+        out.append(mb)
     return out
 
 

@@ -343,6 +343,17 @@ def test_demo_learns(tmp_path, smollm2):
         assert (tmp_path / "demo" / f).is_file(), f
 
 
+@pytest.mark.parametrize("lengths", [None, [3, 9, 1, 7, 5, 2, 8, 4, 6, 10]], ids=["shuffled", "grouped"])
+def test_each_epoch_draws_each_example_once_when_steps_cross_its_end(lengths):
+    """10 examples, 4 a step (2 x 2): steps cross the epochs' ends, and each epoch still draws its own shuffle,
+    whole and in order (the step that crosses goes on with the next epoch's first examples)."""
+    examples = list(range(10))
+    order = lambda epoch: D.epoch_order(10, 3407, epoch, lengths, batch=2)  # noqa: E731
+    drawn = [e for step in range(8) for mb in T.micro_batches(examples, order, 4 * step, 2, 2) for e in mb]
+    assert drawn[:30] == order(0) + order(1) + order(2)
+    assert drawn[30:] == order(3)[:2]
+
+
 def test_group_by_length_orders_a_permutation_with_less_padding():
     """--group-by-length: each epoch is still every example once, from the seed alone (so a resume replays it),
     and batches of 2 from lengths spread like medical-o1's (300-1,500 tokens) carry far less padding."""
