@@ -99,3 +99,99 @@ def test_missing_field_in_one_row(tok):
     rec = {"instruction": "x", "_where": "f.jsonl:7"}
     with pytest.raises(D.DataError, match=r"f.jsonl:7: column\(s\) \['output'\] missing"):
         D.render(rec, "alpaca", tok)
+
+
+# ---- hub data sets: which files `org/name[:config][@split]` reads, against `datasets.load_dataset` on the same folder
+
+MEDICAL_O1_CARD = """---
+license: apache-2.0
+configs:
+- config_name: en
+  data_files: medical_o1_sft.json
+- config_name: zh
+  data_files: medical_o1_sft_Chinese.json
+- config_name: en_mix
+  data_files:
+  - split: train
+    path: medical_o1_sft_mix.json
+---
+"""
+DEFAULT_CARD = """---
+configs:
+- config_name: small
+  data_files: [{split: train, path: "small/*.jsonl"}]
+- config_name: full
+  default: true
+  data_files: [{split: train, path: "full/train-*.jsonl"}, {split: test, path: "full/test.jsonl"}]
+---
+"""
+LAYOUTS = {  # a data set repo's files: path -> its records' Question column
+    "medical-o1": {"README.md": MEDICAL_O1_CARD, "medical_o1_sft.json": ["en1", "en2"],
+                   "medical_o1_sft_Chinese.json": ["zh1", "zh2"], "medical_o1_sft_mix.json": ["mix1"]},
+    "a default config": {"README.md": DEFAULT_CARD, "small/a.jsonl": ["s1"], "full/train-0.jsonl": ["f1"],
+                         "full/train-1.jsonl": ["f2", "f3"], "full/test.jsonl": ["t1"]},
+    "splits in file names": {"train.jsonl": ["tr1"], "test.jsonl": ["te1"], "data/validation-00000.jsonl": ["v1"],
+                             "data/pretrain_notes.jsonl": ["p1"], "dataset_info.json": None},
+    "shards": {"data/train-00000-of-00002.jsonl": ["a"], "data/train-00001-of-00002.jsonl": ["b", "c"]},
+    "no split words": {"conversations.json": ["c1", "c2"], "more_data.jsonl": ["c3"]},
+}
+ASKS = [("", ""), ("", "train"), ("", "test"), ("", "validation"), ("zh", ""), ("en", ""), ("en_mix", ""),
+        ("en", "test"), ("xx", ""), ("small", ""), ("full", "test")]
+
+
+def write_layout(folder, files):
+    for rel, rows in files.items():
+        path = folder / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if rel == "README.md":
+            path.write_text(rows)
+        elif rows is None:  # a repo's own metadata file, not data
+            path.write_text(json.dumps({"description": "not a record"}))
+        elif rel.endswith(".json"):
+            path.write_text(json.dumps([{"Question": q, "Response": "r"} for q in rows]))
+        else:
+            path.write_text("".join(json.dumps({"Question": q, "Response": "r"}) + "\n" for q in rows))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_hub_data_set_files_are_the_ones_datasets_reads(layout, tmp_path, monkeypatch):
+    """Each config and split asked of each layout: the same records as `datasets.load_dataset(folder, config,
+    split=split or "train")` (the seeds load medical-o1's "zh" this way), or an error where it refuses."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    folder = tmp_path / "repo"
+    write_layout(folder, LAYOUTS[layout])
+    checked = 0
+    for config, split in ASKS:
+        try:
+            ref = datasets.load_dataset(str(folder), config or None, split=split or "train",
+                                        cache_dir=str(tmp_path / "cache"))["Question"]
+        except (ValueError, FileNotFoundError):
+            ref = None
+        try:
+            ours = [r["Question"] for f in D.dataset_files(folder, config, split or "train", "org/data")
+                    for r in D.read_records(f)[0]]
+        except D.DataError as e:
+            assert "org/data" in str(e)  # the message names the data set
+            ours = None
+        assert (sorted(ours) if ours else ours) == (sorted(ref) if ref else ref), (config, split)
+        checked += ref is not None
+    assert checked >= 1  # each layout has a split that loads
+
+
+def test_a_folder_given_as_data_says_so(tmp_path):
+    with pytest.raises(D.DataError, match="a folder; --data takes one .json or .jsonl file"):
+        D.read_records(tmp_path)
+
+
+def test_fetch_hub_dataset_says_which_files_it_reads(tmp_path, monkeypatch, capsys):
+    """The seeds' `load_dataset("FreedomIntelligence/medical-o1-reasoning-SFT", "zh", split="train")` as --data:
+    the Chinese file, named on the console (the download itself stood in for: the tests are offline)."""
+    import huggingface_hub
+
+    write_layout(tmp_path, LAYOUTS["medical-o1"])
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: str(tmp_path))
+    files = D.fetch_hub_dataset("FreedomIntelligence/medical-o1-reasoning-SFT:zh@train")
+    assert files == [tmp_path / "medical_o1_sft_Chinese.json"]
+    assert "medical-o1-reasoning-SFT:zh@train: medical_o1_sft_Chinese.json" in capsys.readouterr().out
