@@ -36,7 +36,7 @@ class ModelConfig:
     intermediate_size: int = 11008
     num_hidden_layers: int = 32
     num_attention_heads: int = 32
-    num_key_value_heads: int = 32  # < num_attention_heads means grouped-query attention
+    num_key_value_heads: int = 0  # 0: num_attention_heads, as transformers reads a config without it; fewer: GQA
     head_dim: int = 0  # 0: hidden_size // num_attention_heads
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
@@ -52,6 +52,8 @@ class ModelConfig:
     def __post_init__(self):
         if self.head_dim == 0:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_key_value_heads == 0:
+            self.num_key_value_heads = self.num_attention_heads
 
     @classmethod
     def from_hf(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
@@ -175,10 +177,13 @@ class Attention(nn.Module):
         if self.cache is not None:
             k, v = self.cache.update(cache_pos, k, v)
         # Grouped-query attention: each of the n_kv heads serves n_heads / n_kv query heads.
-        # With no explicit mask, the causal mask is implied and SDPA can use flash attention.
         # `mask` is None, a boolean (B, 1, T, S) tensor (padded generation), or an object with an
         # `attend(q, k, v, gqa)` method (speed/padding_free.py: several examples in one row, each
-        # attending only to itself).
+        # attending only to itself). With no mask the attention is causal: SDPA's is_causal (flash attention)
+        # where the T queries are all the S keys; after S - T cached positions, query i sees keys 0..S-T+i
+        # (SDPA's is_causal would align the triangle to the top left instead).
+        if mask is None and k.shape[2] != T:
+            mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
         gqa = self.n_kv != self.n_heads
         if mask is not None and not torch.is_tensor(mask):
             y = mask.attend(q, k, v, gqa)

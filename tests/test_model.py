@@ -229,3 +229,28 @@ def test_compiled_layers_compile_once_whatever_the_lengths(tmp_path):
             if a.requires_grad:
                 torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-5, msg=name)
     assert dynamo_utils.counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_cached_forward_without_a_mask_equals_transformers(tmp_path, kind):
+    """A prompt, then one token and then three more through the KV cache with no mask given: each step's logits are
+    transformers' over the whole sequence (the causal mask after the cached positions is aligned bottom right)."""
+    hf = tiny_hf_model(tmp_path / "m", kind)
+    ours = load_model(tmp_path / "m", quantize=None, dtype=torch.float32, progress=False)
+    ids = torch.randint(0, hf.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        ours.setup_cache(2, 16)
+        got = [ours(ids[:, a:b], cache_pos=a) for a, b in ((0, 8), (8, 9), (9, 12))]
+    torch.testing.assert_close(torch.cat(got, dim=1), ref, atol=2e-5, rtol=1e-4)
+
+
+def test_a_config_without_num_key_value_heads_has_one_per_query_head(tmp_path):
+    """transformers reads a config.json without num_key_value_heads as multi-head attention (one kv head per query
+    head); so does minilora."""
+    hf = tiny_hf_model(tmp_path / "m", "llama", num_key_value_heads=None)
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg.pop("num_key_value_heads", None)
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    ours, ref = logits_both(tmp_path / "m", hf, T=16)
+    torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
