@@ -71,7 +71,8 @@ class TrainConfig:
     r: int = _f(16, "LoRA rank")
     alpha: float = _f(16.0, "LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with --rslora)")
     dropout: float = _f(0.0, "dropout on the LoRA input")
-    targets: str = _f(",".join(ALL_TARGETS), "comma-separated module names to adapt")
+    targets: str = _f(",".join(ALL_TARGETS), "comma-separated module names to adapt, of "
+                      f"{', '.join(ALL_TARGETS)}; all-linear (peft's spelling) is all seven")
     rslora: bool = _f(False, "rank-stabilised LoRA scale alpha/sqrt(r)")
     no_4bit: bool = _f(False, "keep the base in 16-bit (plain LoRA) instead of NF4 (QLoRA)")
     quant_type: str = _f("nf4", "4-bit data type of the base weights", ("nf4", "fp4"))
@@ -202,6 +203,12 @@ def parse_config(argv: list[str] | None = None, checks=()) -> TrainConfig:
     return cfg
 
 
+def target_names(targets: str) -> list[str]:
+    """--targets as a list of module names; `all-linear` is every projection, as in peft (all but lm_head)."""
+    names = [t.strip() for t in targets.split(",") if t.strip()]
+    return list(ALL_TARGETS) if names == ["all-linear"] else names
+
+
 def validate(cfg: TrainConfig, checks=()):
     """Every field's type, range and choices, and the flags that contradict each other; then `checks`, more such
     functions of the config (train.py passes speed.check: the speed features that cannot run together)."""
@@ -228,6 +235,12 @@ def validate(cfg: TrainConfig, checks=()):
     need(cfg.keep_activations >= 0, f"--keep-activations must be >= 0, got {cfg.keep_activations}.")
     need(cfg.max_bad_steps >= 1, f"--max-bad-steps must be >= 1, got {cfg.max_bad_steps}.")
     need(cfg.template in ("auto",) + TEMPLATES, f"--template must be one of auto, {', '.join(TEMPLATES)}.")
+    targets = target_names(cfg.targets)
+    unknown = [t for t in targets if t not in ALL_TARGETS]
+    need(targets and not unknown, f"--targets {cfg.targets!r}: " + (
+        f"{', '.join(unknown)} is not among the projections LoRA goes on here ({', '.join(ALL_TARGETS)}; all-linear "
+        f"is all seven).{closest(unknown[0], ALL_TARGETS)}" if unknown else
+        f"no module named; give some of {', '.join(ALL_TARGETS)}, comma-separated, or all-linear."))
     for name in ("truncation", "bad_rows", "scheduler", "optim", "quant_type", "compile", "cuda_graphs",
                  "empty_think", "padding_free"):
         choices = TrainConfig.__dataclass_fields__[name].metadata["choices"]

@@ -417,10 +417,14 @@ def load_data(cfg, tok: Tokenizer, demo: tuple[list[dict], list[dict]] | None = 
     print(f"template: {template} (columns {sorted(columns)}); examples: {stats}")
     if chat is not None:
         print(chat.describe())
-    if evals is None:
-        train, evals = split_eval(train, cfg.eval_fraction, cfg.seed)
     if not train:
         raise DataError(f"{cfg.data or 'demo'}: no training examples left after filtering ({stats}).")
+    if evals is None:
+        kept = len(train)
+        train, evals = split_eval(train, cfg.eval_fraction, cfg.seed)
+        if not train:
+            raise DataError(f"--eval-fraction {cfg.eval_fraction} holds out all {kept} example(s) of "
+                            f"{cfg.data or 'demo'} for eval, leaving none to train on; lower it, or add data.")
     print("example (the [bracketed] text is masked out of the loss):\n" + show_example(train[0], tok))
     return train, evals, template
 
@@ -472,6 +476,19 @@ def epoch_order(n: int, seed: int, epoch: int, lengths: list[int] | None = None,
         rng.shuffle(batches)
         grouped += [i for mb in batches for i in mb]
     return grouped
+
+
+def check_vocab(examples: list[Example], tok: Tokenizer, vocab_size: int | None, source: str) -> None:
+    """Every token id must index the model's embedding table. A tokenizer from another model gives ids past it,
+    which would stop the run at its first step with an index error (on a GPU, a device-side assert). The data is
+    scanned only where the tokenizer has more tokens than the model, which the models' own never do."""
+    if vocab_size is None or tok.tk.get_vocab_size(with_added_tokens=True) <= vocab_size:
+        return
+    top = max((max(e.input_ids) for e in examples if e.input_ids), default=-1)
+    if top >= vocab_size:
+        raise DataError(f"the tokenizer in {tok.folder} gives token id {top}, past {source}'s vocab_size "
+                        f"{vocab_size}: it is not this model's tokenizer. Put the model's own tokenizer.json and "
+                        "tokenizer_config.json beside its config.json.")
 
 
 def split_eval(examples: list, fraction: float, seed: int) -> tuple[list, list]:

@@ -69,9 +69,10 @@ def apply_lora(model: nn.Module, r: int = 16, alpha: float = 16, dropout: float 
     available = sorted({n.rsplit(".", 1)[-1] for n in linears} - {"lm_head"})
     unknown = targets - set(available)
     if unknown:
-        raise ValueError(
-            f"target module(s) {sorted(unknown)} not found in the model; it has: {', '.join(available)}."
-        )
+        unsupported = unknown & {"lm_head", "embed_tokens"}  # in the model, but LoRA here is on projections only
+        raise ValueError(f"target module(s) {sorted(unknown)}: " + (
+            f"LoRA on {' or '.join(sorted(unsupported))} is not supported" if unsupported else "not found in the model")
+            + f"; LoRA goes on: {', '.join(available)}.")
     for p in model.parameters():
         p.requires_grad_(False)
     wrapped = []

@@ -65,6 +65,9 @@ def train(cfg: TrainConfig) -> dict:
     model_path, demo = model_and_demo(cfg)
     tok = Tokenizer(model_path)
     train_set, evals, template = D.load_data(cfg, tok, demo)  # all of it, before the model takes any memory
+    config_json = Path(model_path) / "config.json"  # (a folder without one is load_model's to report)
+    if config_json.is_file():
+        D.check_vocab(train_set + evals, tok, json.loads(config_json.read_text()).get("vocab_size"), str(config_json))
     chat_template = tok.chat_template if template == "chat" else None  # chat data: kept with each adapter
     dp.check_same_everywhere(asdict(cfg), train_set)  # every rank: same flags, same data, or a clear stop
     pad_id = D.pad_id_for(tok)
@@ -261,8 +264,8 @@ def build_model(cfg: TrainConfig, model_path: Path, device: torch.device, fast: 
     model = load_model(model_path, device=device, dtype=default_dtype(device),
                        quantize=None if cfg.no_4bit else cfg.quant_type, trust_pickle=cfg.trust_pickle_files,
                        shard=(lambda q: dp.shard_nf4(q, mesh)) if mesh else None)
-    targets = [t.strip() for t in cfg.targets.split(",") if t.strip()]
-    apply_lora(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, rslora=cfg.rslora, targets=targets)
+    apply_lora(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, rslora=cfg.rslora,
+               targets=config.target_names(cfg.targets))
     if note := fast.fit_to_run(cfg, run_tokens, count_parameters(model)[1]):
         print(note)
     params = fast.attach(model)

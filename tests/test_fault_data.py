@@ -94,6 +94,26 @@ def test_nothing_left_after_skipping(tmp_path, monkeypatch):
         T.train(T.parse_config(args))
 
 
+def test_eval_fraction_that_takes_every_example(tmp_path, monkeypatch):
+    stop_at_model_load(monkeypatch)
+    args = tiny_run_args(tmp_path, tmp_path / "o")
+    write_jsonl(tmp_path / "d.jsonl", [{"instruction": f"Say {i}", "output": str(i)} for i in range(3)])
+    args[args.index("--eval-fraction") + 1] = "0.9"  # round(2.7) = 3 of 3 held out
+    with pytest.raises(D.DataError, match=r"--eval-fraction 0.9 holds out all 3 example\(s\) of .*d.jsonl for eval"):
+        T.train(T.parse_config(args))
+
+
+def test_a_tokenizer_of_another_model_stops_before_the_model_loads(tmp_path, monkeypatch):
+    """SmolLM2's tokenizer (49,152 tokens) beside a model of 128: its ids would index past the embedding table."""
+    stop_at_model_load(monkeypatch)
+    args = tiny_run_args(tmp_path, tmp_path / "o")
+    config = tmp_path / "m" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "vocab_size": 128}))
+    with pytest.raises(D.DataError, match=r"gives token id \d+, past .*config.json's vocab_size 128: it is not this "
+                                          r"model's tokenizer"):
+        T.train(T.parse_config(args))
+
+
 # ----------------------------------------------------------------------------- fuzz
 
 GOOD = {

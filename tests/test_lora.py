@@ -154,8 +154,10 @@ def test_only_lora_trains_and_counts_match_peft(tmp_path):
 def test_unknown_target_lists_available(tmp_path):
     tiny_hf_model(tmp_path / "m", "llama")
     model = load_model(tmp_path / "m", progress=False)
-    with pytest.raises(ValueError, match=r"\['qkv'\] not found.*down_proj, gate_proj, k_proj, o_proj, q_proj"):
+    with pytest.raises(ValueError, match=r"\['qkv'\]: not found.*down_proj, gate_proj, k_proj, o_proj, q_proj"):
         apply_lora(model, targets=["q_proj", "qkv"])
+    with pytest.raises(ValueError, match=r"\['lm_head'\]: LoRA on lm_head is not supported; LoRA goes on: down_proj"):
+        apply_lora(model, targets=["lm_head"])  # a peft adapter may put LoRA there
 
 
 @pytest.mark.parametrize("r", [0, -4])

@@ -282,12 +282,28 @@ def test_finished_run_is_not_overwritten(tmp_path):
     (["--cuda-graphs", "on", "--device", "cpu"], "--cuda-graphs on needs a CUDA GPU with bf16"),
     (["--cuda-graphs", "on", "--offload", "--device", "cpu"], "--cuda-graphs on needs a CUDA GPU"),  # no clash
     (["--keep-activations", "-1"], "--keep-activations must be >= 0"),
+    (["--targets", ","], "--targets ',': no module named; give some of q_proj"),
+    (["--targets", "q_proj,vproj"], "vproj is not among the projections LoRA goes on here (q_proj, k_proj, v_proj, "
+                                   "o_proj, gate_proj, up_proj, down_proj; all-linear is all seven). Did you mean 'v_proj'?"),
     (["--keep-activations", "2", "--no-gradient-checkpointing"], "--keep-activations N spares N layers the recompute"),
 ])
 def test_bad_flags(args, message):
     r = run_train(["--model", "x", "--data", "y.jsonl", *args])
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_targets_all_linear_are_the_modules_peft_adapts(tmp_path, kind):
+    """--targets all-linear, peft's spelling: the projections peft's LoraConfig(target_modules="all-linear") wraps."""
+    import peft
+
+    from minilora.config import target_names
+
+    hf = tiny_hf_model(tmp_path / "m", kind)
+    wrapped = peft.get_peft_model(hf, peft.LoraConfig(r=4, target_modules="all-linear"))
+    peft_targets = {name.rsplit(".", 1)[-1] for name, m in wrapped.named_modules() if isinstance(m, peft.tuners.lora.Linear)}
+    assert set(target_names("all-linear")) == peft_targets
 
 
 def test_keep_activations_beyond_the_layers_stops_before_loading(tmp_path):
