@@ -31,11 +31,16 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = True):
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final} already exists; pass --overwrite to replace it.")
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the result should read like any folder
+    # mkdtemp makes the folder private, and safetensors (0.8) its files: the result should read like any file the
+    # user makes (umask's modes), so that another user, or a server in a container, can load it
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
     try:
         yield tmp
         for f in tmp.rglob("*"):  # data on disk before the rename makes it visible
             if f.is_file():
+                f.chmod(0o666 & ~umask)
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         old = None

@@ -223,3 +223,20 @@ def test_unsupported_peft_options(tmp_path):
         (adapter / "adapter_config.json").write_text(json.dumps({**cfg, **change}))
         with pytest.raises(ValueError, match=msg):
             load_adapter(load_model(mfolder, quantize=None, progress=False), adapter)
+
+
+def test_saved_files_have_the_users_own_permissions(tmp_path):
+    """The adapter's folder and files carry the modes of a folder and file the user makes (umask's), so another
+    user or a server in a container can read them: mkdtemp makes folders private, and safetensors 0.8 its files."""
+    import stat
+
+    folder, _ = make_adapter(tmp_path)
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "file").write_text("x")
+
+    def mode(p):
+        return stat.S_IMODE(p.stat().st_mode)
+
+    assert mode(folder) == mode(tmp_path / "plain")
+    assert {f.name: mode(f) for f in folder.iterdir()} == {f.name: mode(tmp_path / "plain" / "file")
+                                                           for f in folder.iterdir()}
