@@ -105,7 +105,8 @@ class TrainConfig:
     log_every: int = _f(1, "write a metrics.jsonl row every N steps")
     output_dir: str = _f("runs/minilora", "where metrics, checkpoints and the adapter go")
     resume: bool = _f(False, "continue from the newest checkpoint in --output-dir")
-    overwrite: bool = _f(False, "replace an existing run in --output-dir")
+    overwrite: bool = _f(False, "replace the run in --output-dir (its files only, and only once the new run has "
+                                "loaded its data and model; a folder holding other files is refused)")
     max_bad_steps: int = _f(5, "stop after this many consecutive steps with a non-finite loss or gradient")
     seed: int = _f(3407, "seed for data order, LoRA init and dropout")
     device: str = _f("auto", "cuda, cuda:N, cpu, or auto")

@@ -45,7 +45,7 @@ from .loss import IGNORE, causal_lm_loss
 from .lora import apply_lora, count_parameters, describe_trainable
 from .run.faults import TrainingStopped, bad_step, stop
 from .run.report import demo_report, plot_losses, print_demo_summary
-from .run.resume import SAVE_ERRORS, checkpoint, find_resume, prepare_output, rng_state, start, why
+from .run.resume import SAVE_ERRORS, check_output, checkpoint, clear_output, find_resume, rng_state, start, why
 from .tokenizer import Tokenizer
 
 
@@ -57,9 +57,9 @@ def train(cfg: TrainConfig) -> dict:
     fast = speed.configure(cfg, device, dp.world())  # every speed choice, made (or refused) before anything loads
     if not dp.is_main():  # the other ranks would print the same lines again; their errors still go to stderr
         sys.stdout = open(os.devnull, "w")
-    out = prepare_output(cfg)
+    out = check_output(cfg)  # nothing is written there before the data and the model have loaded (clear_output)
     resume = find_resume(cfg, out)  # (checkpoint folder, its trainer state) or None; a mismatch stops here
-    dp.barrier()  # rank 0 has cleaned the folder (--overwrite, leftovers of a killed save)
+    dp.barrier()  # rank 0 has cleaned the leftovers of a killed save
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     model_path, demo = model_and_demo(cfg)
@@ -88,6 +88,8 @@ def train(cfg: TrainConfig) -> dict:
     optimizer, scaler = make_optimizer(params, cfg), make_scaler(dtype, device)
     micro = fast.record(functools.partial(micro_step, model, autocast=autocast, loss=fast.loss, scaler=scaler),
                         params, scaler)  # one micro-batch's forward and backward; replayed from a CUDA graph maybe
+    clear_output(cfg, out)  # --overwrite: the old run's files go only now, when the new run has loaded
+    dp.barrier()
     state = start(out, resume, model, optimizer, scaler)  # step 0, or where the checkpoint left off
     lengths = [len(e.input_ids) for e in train_set] if cfg.group_by_length else None
     report = {"eval_loss_before": None, "start_up_s": start_up}  # report.json: what train() returns

@@ -268,7 +268,27 @@ def test_finished_run_is_not_overwritten(tmp_path):
     r = run_train(tiny_run_args(tmp_path, out))
     assert r.returncode == 2 and "already holds a finished run" in r.stderr
     assert (out / "metrics.jsonl").read_text() == before
+    # --overwrite with data that fails its checks: the old run stays as it was
+    bad = tiny_run_args(tmp_path, out) + ["--overwrite"]
+    bad[bad.index("--data") + 1] = str(tmp_path / "missing.jsonl")
+    r = run_train(bad)
+    assert r.returncode == 2 and "missing.jsonl: no such data file" in r.stderr
+    assert (out / "metrics.jsonl").read_text() == before and (out / "adapter" / "adapter_model.safetensors").is_file()
+    # a folder that holds the user's own files too is not a run to replace
+    (out / "notes.txt").write_text("mine")
+    r = run_train(tiny_run_args(tmp_path, out) + ["--overwrite"])
+    assert r.returncode == 2 and f"--overwrite replaces a minilora run, but {out} holds other files too (notes.txt)" \
+        in r.stderr
+    assert (out / "notes.txt").read_text() == "mine" and (out / "metrics.jsonl").read_text() == before
+    (out / "notes.txt").unlink()
+    (out / ".adapter.tmp-x1").mkdir()  # a save killed mid-write: the run's own leftover, replaced with it
     assert run_train(tiny_run_args(tmp_path, out) + ["--overwrite"]).returncode == 0
+    assert not (out / ".adapter.tmp-x1").exists() and (out / "metrics.jsonl").read_text() != before
+    # bad data for a new folder leaves no empty folder behind; a file as the folder is named
+    r = run_train(bad[:bad.index("--output-dir") + 1] + [str(tmp_path / "new")] + bad[bad.index("--output-dir") + 2:])
+    assert r.returncode == 2 and not (tmp_path / "new").exists()
+    r = run_train(tiny_run_args(tmp_path, tmp_path / "d.jsonl"))
+    assert r.returncode == 2 and "d.jsonl is a file; give a folder" in r.stderr
 
 
 @pytest.mark.parametrize("args,message", [

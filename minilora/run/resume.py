@@ -222,23 +222,48 @@ def rewind_metrics(path: Path, step: int, rows: int | None) -> int:
 
 # ----------------------------------------------------------------------------- the output folder
 
-def prepare_output(cfg) -> Path:
-    """--output-dir, made ready: a finished run is replaced only with --overwrite, an unfinished one is
-    continued (--resume) or replaced (--overwrite), never mixed with a new one."""
+RUN_FILES = {"metrics.jsonl", "checkpoints", "adapter", "loss.png", "report.json"}  # what a run writes there
+
+
+def is_run_file(name: str) -> bool:
+    """A name a run writes in its folder, or a leftover of one (`.adapter.tmp-*`, `.loss.png.tmp`: atomic.py)."""
+    return re.sub(r"\.(tmp|old)(-.*)?$", "", name.lstrip(".")) in RUN_FILES
+
+
+def check_output(cfg) -> Path:
+    """--output-dir, checked before anything loads; nothing is written or deleted yet (`clear_output` does that, once
+    the new run has loaded). A finished run is replaced only with --overwrite, an unfinished one is continued
+    (--resume) or replaced (--overwrite), never mixed with a new one; and --overwrite replaces a run, never a folder
+    that holds anything else."""
     out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ResumeError(f"--output-dir {out} is a file; give a folder (it is made if missing).")
     finished = (out / "adapter" / "adapter_config.json").is_file()
     started = newest_checkpoint(out) is not None or (out / "metrics.jsonl").exists()
     if cfg.overwrite and out.exists():
-        if dp.is_main():  # the other ranks wait at train.py's barrier until the folder is clean
-            shutil.rmtree(out)
+        others = sorted(p.name for p in out.iterdir() if not is_run_file(p.name))
+        if others:
+            raise ResumeError(f"--overwrite replaces a minilora run, but {out} holds other files too ("
+                              f"{', '.join(others[:5])}{', ...' if len(others) > 5 else ''}); choose another "
+                              "--output-dir, or move them out.")
     elif cfg.resume and not started:
         raise ResumeError(f"--resume: {out} has no checkpoint to resume from.")
     elif not cfg.resume and finished:
         raise ResumeError(f"{out} already holds a finished run; pass --overwrite to replace it or choose another --output-dir.")
     elif not cfg.resume and started:
         raise ResumeError(f"{out} holds an unfinished run; pass --resume to continue it or --overwrite to start over.")
-    out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def clear_output(cfg, out: Path) -> None:
+    """Make the output folder ready for the run's first write: with --overwrite, the old run's files deleted (only
+    those: `check_output` refused a folder with others). Called once the new run's data and model have loaded, so a
+    run that fails before that leaves the old one as it was."""
+    if cfg.overwrite and out.is_dir() and dp.is_main():  # the other ranks wait at train.py's barrier
+        for p in out.iterdir():
+            if is_run_file(p.name):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
 
 
 def find_resume(cfg, out: Path) -> tuple[Path, dict] | None:
