@@ -19,6 +19,8 @@ import os
 import sys
 import threading
 import time
+import warnings
+from pathlib import Path
 
 __version__ = "0.1.0"
 STARTED = time.perf_counter()  # the package's first import, nearly a command's launch: where start-up is timed from
@@ -87,7 +89,16 @@ def run_command(main) -> None:
     needed by then, so this does what an exit must (wait for the threads that are not daemons, run the atexit
     handlers: logging's flush, torch's compile workers; flush stdout and stderr) and ends the process with
     os._exit. An exception that `main` does not turn into an exit code takes the normal way out, traceback and
-    all. Commands only: importing the package changes nothing about how a program exits."""
+    all. Commands only: importing the package changes nothing about how a program exits. Meanwhile minilora's own
+    warnings print as one line of words, without Python's file, line and source line."""
+    python_format = warnings.formatwarning
+
+    def words(message, category, filename, lineno, line=None):
+        if Path(filename).resolve().is_relative_to(Path(__file__).parent):
+            return f"minilora: warning: {message}\n"
+        return python_format(message, category, filename, lineno, line)
+
+    warnings.formatwarning = words
     try:
         code = main()
     except SystemExit as e:

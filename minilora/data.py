@@ -272,6 +272,26 @@ def render(rec: dict, template: str, tok: Tokenizer) -> tuple[str, str]:
     raise DataError(f"unknown template {template!r}; choose from {', '.join(TEMPLATES)}.")
 
 
+def prompt_template(template: str, tok: Tokenizer) -> str | None:
+    """The alpaca and r1 formats as a Jinja chat template, saved with the adapter as chat data's template is: so
+    `generate --adapter` prompts the model as it trained, and `merge` writes it into the merged model's tokenizer
+    files and GGUF. A user turn is the prompt the training rendered, an assistant turn the answer and EOS; where
+    the tokenizer adds a BOS to what it encodes (DeepSeek-R1-Distill's does), the template writes it, since
+    generation encodes the rendered text without special tokens. A system message is refused: these formats have
+    none. None for text (no prompt) and chat (its own template)."""
+    if template not in ("alpaca", "r1"):
+        return None
+    content = "{{ message['content'] }}"
+    user = (ALPACA_PROMPT.format(ctx="", instruction=content, input="") if template == "alpaca"
+            else R1_PROMPT.format(question=content))
+    adds_bos = tok.bos_id is not None and tok.encode("") == [tok.bos_id]
+    return (("{{ bos_token }}" if adds_bos else "") + "{% for message in messages %}"  # no {%-: the prompt ends in \n
+            "{% if message['role'] == 'user' %}" + user +
+            "{% elif message['role'] == 'assistant' %}{{ message['content'] }}{{ eos_token }}"
+            "{% else %}{{ raise_exception('the " + template + " prompt format (this adapter trained with it) has "
+            "no ' + message['role'] + ' message') }}{% endif %}{% endfor %}")
+
+
 # ----------------------------------------------------------------------------- tokenizing
 
 @dataclass

@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+import jinja2
 import torch
 
 from . import run_command
@@ -397,7 +398,7 @@ def load(args, device):
 def render(tok: Tokenizer, messages: list[dict]) -> str:
     try:
         return tok.apply_chat_template(messages, add_generation_prompt=True)
-    except ValueError as e:
+    except (ValueError, jinja2.TemplateError) as e:  # the template's own raise_exception: e.g. no system message
         raise UserError(f"{e.args[0]} (or pass --raw to feed the prompt as plain text).") from None
 
 

@@ -68,7 +68,8 @@ def train(cfg: TrainConfig) -> dict:
     config_json = Path(model_path) / "config.json"  # (a folder without one is load_model's to report)
     if config_json.is_file():
         D.check_vocab(train_set + evals, tok, json.loads(config_json.read_text()).get("vocab_size"), str(config_json))
-    chat_template = tok.chat_template if template == "chat" else None  # chat data: kept with each adapter
+    # kept with each adapter, so that generate and merge prompt as training did: chat data's, or alpaca's or r1's
+    chat_template = tok.chat_template if template == "chat" else D.prompt_template(template, tok)
     dp.check_same_everywhere(asdict(cfg), train_set)  # every rank: same flags, same data, or a clear stop
     pad_id = D.pad_id_for(tok)
     demo_eval = demo[1] if demo else None  # the demo's held-out questions: its accuracy before and after

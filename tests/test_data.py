@@ -1,6 +1,7 @@
 """Data: prompt masking for each template, EOS, padding, and errors that name file and line."""
 import json
 
+import jinja2
 import pytest
 
 from minilora import data as D
@@ -195,3 +196,29 @@ def test_fetch_hub_dataset_says_which_files_it_reads(tmp_path, monkeypatch, caps
     files = D.fetch_hub_dataset("FreedomIntelligence/medical-o1-reasoning-SFT:zh@train")
     assert files == [tmp_path / "medical_o1_sft_Chinese.json"]
     assert "medical-o1-reasoning-SFT:zh@train: medical_o1_sft_Chinese.json" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("tokenizer", ["smollm2", "deepseek_r1"])
+@pytest.mark.parametrize("template", ["alpaca", "r1"])
+def test_the_saved_prompt_template_prompts_as_training_did(template, tokenizer, request):
+    """What generate feeds the model through the adapter's saved template (rendered, then encoded without special
+    tokens) is, id for id, the prompt the training masked; an answer then closes with EOS, as trained. With the real
+    SmolLM2 (no BOS) and DeepSeek-R1-Distill (BOS) tokenizers."""
+    tok = Tokenizer(request.getfixturevalue(tokenizer))
+    tok.set_chat_template(D.prompt_template(template, tok))
+    rec = RECORDS[template]
+    question = rec["instruction"] if template == "alpaca" else rec["Question"]
+    prompt, full = D.render(rec, template, tok)
+    trained = D.tokenize(prompt, full, tok)
+    n_prompt = trained.labels.count(D.IGNORE)
+    text = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+    assert tok.encode(text, add_special_tokens=False) == trained.input_ids[:n_prompt]
+    answer = full[len(prompt):]
+    text = tok.apply_chat_template([{"role": "user", "content": question}, {"role": "assistant", "content": answer}])
+    assert tok.encode(text, add_special_tokens=False) == trained.input_ids
+    with pytest.raises(jinja2.TemplateError, match=f"the {template} prompt format .* has no system message"):
+        tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": question}])
+
+
+def test_text_and_chat_data_save_no_prompt_template(tok):
+    assert D.prompt_template("text", tok) is None and D.prompt_template("chat", tok) is None

@@ -69,3 +69,23 @@ def test_every_command_exits_through_run_command():
                 blocks[path.relative_to(PACKAGE).as_posix()] = ast.unparse(node.body[-1])
     assert set(blocks) >= {"train.py", "generate.py", "merge.py", "export/merge.py"}
     assert all(last == "run_command(main)" for last in blocks.values()), blocks
+
+
+def test_minilora_warnings_print_as_one_line_of_words(tmp_path):
+    """Under run_command a warning of minilora's prints as `minilora: warning: ...`, without Python's file, line and
+    source line; another package's still prints as Python prints it."""
+    script = (
+        "import warnings\n"
+        "from minilora import run_command\n"
+        "from minilora.export import merge\n"
+        "def main():\n"
+        "    warnings.warn_explicit(merge.MERGED_4BIT_WARNING, UserWarning, merge.__file__, 212)\n"  # from merge.py
+        "    warnings.warn('from elsewhere', UserWarning)\n"
+        "    return 0\n"
+        "run_command(main)\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    from minilora.export.merge import MERGED_4BIT_WARNING
+
+    assert r.returncode == 0
+    assert r.stderr.startswith(f"minilora: warning: {MERGED_4BIT_WARNING}\n")
+    assert "<string>:6: UserWarning: from elsewhere" in r.stderr
