@@ -75,6 +75,10 @@ def train(cfg: TrainConfig) -> dict:
     demo_eval = demo[1] if demo else None  # the demo's held-out questions: its accuracy before and after
     per_step = cfg.batch_size * cfg.grad_accum * dp.world()  # examples per optimizer step, all ranks together
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train_set) / per_step))
+    if cfg.warmup_steps >= total_steps:  # lr rises by lr/warmup a step from 0: the run ends before it reaches --lr
+        print(f"warning: --warmup-steps {cfg.warmup_steps} is not shorter than the run ({total_steps} step(s)): the "
+              f"learning rate only reaches {lr_at(total_steps - 1, cfg, total_steps):.2e} of --lr {cfg.lr:.2e}; "
+              "lower --warmup-steps", file=sys.stderr)
     mean_length = sum(len(e.input_ids) for e in train_set) / len(train_set)
     steps_left = total_steps - (resume[1]["step"] if resume else 0)  # a resumed run has only these to train
     run_tokens = round(steps_left * per_step * mean_length / dp.world())  # this process's: for --compile auto
@@ -119,18 +123,21 @@ def train(cfg: TrainConfig) -> dict:
         log({"step": state.step, "split": "eval", "loss": loss, "perplexity": math.exp(min(loss, 50))})
         return loss
 
+    if state.step == 0:  # the model as it starts, for the report's "before -> after"
+        if evals:
+            print(f"eval loss before training ({len(evals)} examples): ", end="", flush=True)
+            report["eval_loss_before"] = log_eval()
+            print(f"{report['eval_loss_before']:.4f}")
+        if demo_eval is not None:
+            print(f"the demo's {len(demo_eval)} held-out questions, answered before training ...", flush=True)
+            report["before"] = demo_report(model, tok, demo_eval)
+        start_up["eval_before"] = time.perf_counter() - STARTED
+
     # ---- the loop
     bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step", dynamic_ncols=True,
                disable=not dp.is_main())
     batches, fault = [], None
     try:
-        if state.step == 0:  # the model as it starts, for the report's "before -> after"
-            if evals:
-                report["eval_loss_before"] = log_eval()
-                print(f"eval loss before: {report['eval_loss_before']:.4f}")
-            if demo_eval is not None:
-                report["before"] = demo_report(model, tok, demo_eval)
-            start_up["eval_before"] = time.perf_counter() - STARTED
         model.train()
         state.rng_next = rng_state()
         upcoming = None  # the next step's micro-batches, made while the GPU runs this one
@@ -200,6 +207,7 @@ def train(cfg: TrainConfig) -> dict:
     if evals:
         report["eval_loss_after"] = log_eval()
     if demo_eval is not None:  # every rank generates: under --fsdp each forward needs all of them
+        print(f"the demo's {len(demo_eval)} held-out questions, answered after training ...", flush=True)
         report["after"] = demo_report(model, tok, demo_eval)
     if not dp.is_main():
         dp.barrier()
