@@ -80,6 +80,15 @@ def read_adapter_config(folder) -> dict:
     return cfg
 
 
+def base_model_of(adapter) -> str:
+    """The base model an adapter names (adapter_config.json's base_model_name_or_path), for commands whose --model
+    is left out, as peft's AutoPeftModelForCausalLM loads it."""
+    base = read_adapter_config(adapter).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{Path(adapter) / 'adapter_config.json'} names no base_model_name_or_path; give --model.")
+    return base
+
+
 def adapter_scale(cfg: dict) -> float:
     """scale = alpha / r, or alpha / sqrt(r) with rsLoRA: the factor on B @ A, as peft computes it."""
     r, alpha = cfg["r"], cfg["lora_alpha"]

@@ -34,7 +34,7 @@ import jinja2
 import torch
 
 from . import run_command
-from .adapter import CHAT_TEMPLATE, load_adapter, read_adapter_config
+from .adapter import CHAT_TEMPLATE, base_model_of, load_adapter, read_adapter_config
 from .chat import ChatError, chat_format
 from .checkpoint import load_model, pick_device, resolve_model
 from .tokenizer import Tokenizer
@@ -315,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "LoRA adapter, streaming tokens as they come.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", required=True, help="Hugging Face checkpoint folder or hub id (org/name)")
+    p.add_argument("--model", default=None, help="Hugging Face checkpoint folder or hub id (org/name); left out, the "
+                   "base model the --adapter names (its adapter_config.json's base_model_name_or_path)")
     p.add_argument("--adapter", default=None, help="LoRA adapter folder (PEFT format, e.g. from minilora.train)")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", default=None, help="answer this one prompt and exit")
@@ -368,8 +369,11 @@ def load(args, device):
     if args.adapter:  # check the adapter's files before spending minutes loading an 8B model
         try:
             read_adapter_config(args.adapter)
+            args.model = args.model or base_model_of(args.adapter)
         except (FileNotFoundError, ValueError) as e:
             raise UserError(f"--adapter {args.adapter}: {e.args[0] if e.args else e}") from None
+    elif not args.model:
+        raise UserError("give --model, or an --adapter whose base model it is.")
     try:
         folder = resolve_model(args.model)
         tok = Tokenizer(folder)

@@ -276,7 +276,8 @@ def test_bad_prompts_are_named(ours):
 
 def test_an_alpaca_adapter_is_prompted_in_alpaca(tmp_path):
     """Trained on alpaca records, the adapter keeps the alpaca prompt as its chat template, and generate --adapter
-    renders a question into the very prompt the training masked (not the tokenizer's ChatML)."""
+    (its --model left out: the base the adapter names) renders a question into the very prompt the training masked
+    (not the tokenizer's ChatML)."""
     from minilora import data as D
     from minilora import generate as G
     from test_train import run_train, tiny_run_args
@@ -284,9 +285,10 @@ def test_an_alpaca_adapter_is_prompted_in_alpaca(tmp_path):
     out = tmp_path / "o"
     r = run_train(tiny_run_args(tmp_path, out, max_steps=1, save_every=0))
     assert r.returncode == 0, r.stderr
-    args = G.build_parser().parse_args(["--model", str(tmp_path / "m"), "--adapter", str(out / "adapter"),
-                                        "--prompt", "Say 3", "--no-4bit", "--device", "cpu"])
+    args = G.build_parser().parse_args(["--adapter", str(out / "adapter"), "--prompt", "Say 3", "--no-4bit",
+                                        "--device", "cpu"])  # --model left out: the base the adapter names
     _, tok, _ = G.load(args, torch.device("cpu"))
+    assert args.model == str(tmp_path / "m")
     prompt = G.render(tok, [{"role": "user", "content": "Say 3"}])
     assert prompt == D.render({"instruction": "Say 3", "output": "3"}, "alpaca", tok)[0]
     assert "<|im_start|>" not in prompt

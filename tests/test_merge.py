@@ -160,6 +160,22 @@ def test_existing_output_is_refused(tmp_path, capsys):
     assert not (tmp_path / "merged" / "keep.txt").exists() and (tmp_path / "merged" / "config.json").is_file()
 
 
+def test_model_left_out_is_the_base_the_adapter_names(tmp_path, capsys):
+    """merge --adapter alone merges into adapter_config.json's base_model_name_or_path, as peft's AutoPeftModel
+    loads it: the same files as with --model; an adapter that names no base asks for --model."""
+    base, adapter, _ = make_adapter(tmp_path)
+    assert main(["--model", str(base), "--adapter", str(adapter), "--output-dir", str(tmp_path / "a")]) == 0
+    assert main(["--adapter", str(adapter), "--output-dir", str(tmp_path / "b")]) == 0
+    files = sorted(f.name for f in (tmp_path / "a").iterdir())
+    assert files == sorted(f.name for f in (tmp_path / "b").iterdir())
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": None}))
+    capsys.readouterr()
+    assert main(["--adapter", str(adapter), "--output-dir", str(tmp_path / "c")]) == 2
+    assert "names no base_model_name_or_path; give --model" in capsys.readouterr().err
+
+
 def test_merging_the_same_adapter_twice_is_refused(tmp_path, capsys):
     base, adapter, _ = make_adapter(tmp_path)
     once = merge(base, adapter, tmp_path / "once", dtype="fp32", progress=False)

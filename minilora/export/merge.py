@@ -51,7 +51,8 @@ from huggingface_hub.utils import tqdm
 from safetensors.torch import save_file
 
 from .. import run_command
-from ..adapter import CHAT_TEMPLATE, adapter_scale, check_adapter_base, read_adapter_config, read_adapter_tensors
+from ..adapter import (CHAT_TEMPLATE, adapter_scale, base_model_of, check_adapter_base, read_adapter_config,
+                       read_adapter_tensors)
 from ..atomic import atomic_dir
 from ..chat import for_inference
 from ..checkpoint import count_tensors, is_rope_table, iter_tensors, resolve_model, safetensors_files
@@ -265,9 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="minilora.merge", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Merge a LoRA adapter into its base model (W + scale * B @ A), streaming one tensor at a time, "
                     "into a Hugging Face folder; optionally also a GGUF file and a hub upload.")
-    p.add_argument("--model", required=True, default=argparse.SUPPRESS,
+    p.add_argument("--model", default=None,
                    help="the base model the adapter was trained on: a local Hugging Face folder or a hub id; "
-                        "its 16-bit weights, not an NF4 copy")
+                        "its 16-bit weights, not an NF4 copy. Left out: the one the adapter names (its "
+                        "adapter_config.json's base_model_name_or_path)")
     p.add_argument("--adapter", required=True, default=argparse.SUPPRESS,
                    help="the adapter folder (adapter_config.json + adapter_model.safetensors, from minilora or peft)")
     p.add_argument("--output-dir", required=True, default=argparse.SUPPRESS, help="where the merged model folder is written")
@@ -292,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        out = merge(args.model, args.adapter, args.output_dir, dtype=args.dtype, save_method=args.save_method,
+        out = merge(args.model or base_model_of(args.adapter), args.adapter, args.output_dir, dtype=args.dtype, save_method=args.save_method,
                     gguf=args.gguf, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
                     push_to_hub_id=args.push_to_hub, private=args.private)
     except (OSError, ValueError, KeyError) as e:  # the user's input, the disk or the network: one line, no traceback
