@@ -127,9 +127,14 @@ class UsageError(ValueError):
     """A bad flag or value: printed as one line, exit code 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, as every other bad flag gets, not argparse's usage block first
+        raise UsageError(f"{message} (--help lists every flag)")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m minilora.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(prog="python -m minilora.train", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(TrainConfig):
         flags = ["--" + f.name.replace("_", "-")] + PEFT_NAMES.get(f.name, [])
         meta = f.metadata
@@ -140,7 +145,7 @@ def parser() -> argparse.ArgumentParser:
             bare = {"nargs": "?", "const": "on"} if f.name == "padding_free" else {}
             p.add_argument(*flags, dest=f.name, type=type(f.default), default=argparse.SUPPRESS,
                            choices=meta["choices"], help=meta["help"] + f" (default: {f.default!r})",
-                           metavar=f.name.upper(), **bare)
+                           metavar=None if meta["choices"] else f.name.upper(), **bare)  # choices: {a,b,c}
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     return p
 

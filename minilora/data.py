@@ -237,7 +237,7 @@ def detect_template(columns: set[str]) -> str:
     for name, cols in TEMPLATE_COLUMNS.items():
         if set(cols) <= columns:
             return "chat" if name == "chat-pairs" else name
-    fits = "; ".join(f"{t}: {', '.join(c)}" for t, c in TEMPLATE_COLUMNS.items())
+    fits = "; ".join(f"{'chat' if t == 'chat-pairs' else t}: {', '.join(c)}" for t, c in TEMPLATE_COLUMNS.items())
     raise DataError(f"columns {sorted(columns)} fit no template. Templates and the columns they need: {fits}.")
 
 
