@@ -82,8 +82,8 @@ def read_records(path: str | Path, bad_rows: str = "error") -> tuple[list[dict],
     if not path.is_file():
         raise DataError(f"{path}: no such data file.")
     problems: list[str] = []
-    with open(path, "rb") as f:
-        is_list = path.suffix == ".json" and f.read(4096).lstrip(codecs.BOM_UTF8 + b" \t\r\n").startswith(b"[")
+    with open(path, "rb") as f:  # a list, whatever the file's name says (a .jsonl saved as one array, say)
+        is_list = f.read(4096).lstrip(codecs.BOM_UTF8 + b" \t\r\n").startswith(b"[")
     numbered = _json_list(path) if is_list else _jsonl_rows(path, problems)
     records: list[dict] = []
     for n, row in numbered:
@@ -93,6 +93,9 @@ def read_records(path: str | Path, bad_rows: str = "error") -> tuple[list[dict],
         else:
             row["_where"] = f"{path}:item {n}" if is_list else f"{path}:{n}"
             records.append(row)
+    if problems and not records:  # not a file of records at all (a CSV, say): one line, not one per row
+        raise DataError(f"{path}: none of its {len(problems)} row(s) is a JSON record (the first: {problems[0]}); "
+                        "--data takes a .json list of records or a .jsonl file of one JSON object per line.")
     if problems and bad_rows == "error":
         raise DataError(problem_report(problems, path) + SKIP_HINT)
     return records, problems
@@ -426,6 +429,13 @@ def load_data(cfg, tok: Tokenizer, demo: tuple[list[dict], list[dict]] | None = 
         if eval_recs is not None:
             evals, estats = build_examples(eval_recs, template, tok, cfg.max_seq_len, cfg.truncation, "skip", chat)
             problems += estats.pop("problems", [])
+    if train_recs and not train and stats.get("bad") == len(train_recs) and cfg.template != "auto":
+        try:
+            hint = f"; --template auto would take {detect_template(columns)}"
+        except DataError:
+            hint = ""
+        raise DataError(f"--template {cfg.template} fits none of {cfg.data or 'demo'}'s rows, whose columns are "
+                        f"{sorted(columns)}{hint}.")
     if problems:
         report = problem_report(problems, " and ".join(filter(None, (cfg.data, cfg.eval_data))))
         if cfg.bad_rows == "error":
@@ -438,7 +448,9 @@ def load_data(cfg, tok: Tokenizer, demo: tuple[list[dict], list[dict]] | None = 
     if chat is not None:
         print(chat.describe())
     if not train:
-        raise DataError(f"{cfg.data or 'demo'}: no training examples left after filtering ({stats}).")
+        cut = stats.get("no_label", 0) + stats.get("dropped", 0)
+        raise DataError(f"{cfg.data or 'demo'}: no training examples left after filtering ({stats})" + (
+            f": --max-seq-len {cfg.max_seq_len} left {cut} of them no answer to train on; raise it." if cut else "."))
     if evals is None:
         kept = len(train)
         train, evals = split_eval(train, cfg.eval_fraction, cfg.seed)

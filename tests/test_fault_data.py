@@ -114,6 +114,29 @@ def test_a_tokenizer_of_another_model_stops_before_the_model_loads(tmp_path, mon
         T.train(T.parse_config(args))
 
 
+@pytest.mark.parametrize("case", ["a csv file", "a template that fits no row", "answers cut off"])
+def test_a_whole_file_wrong_the_same_way_is_one_line(case, tmp_path, monkeypatch):
+    """A file that is wrong as a whole is one line saying what to do, not the same problem once per row."""
+    stop_at_model_load(monkeypatch)
+    args = tiny_run_args(tmp_path, tmp_path / "o")
+    data = tmp_path / "d.jsonl"
+    if case == "a csv file":
+        data = tmp_path / "d.csv"
+        data.write_text("instruction,output\n" + "".join(f"Say {i},{i}\n" for i in range(30)))
+        args[args.index("--data") + 1] = str(data)
+        want = r"d.csv: none of its 31 row\(s\) is a JSON record \(the first: .*d.csv:1: malformed JSON line"
+    elif case == "a template that fits no row":
+        args += ["--template", "chat"]
+        want = r"--template chat fits none of .*d.jsonl's rows, whose columns are \['instruction', 'output'\]; " \
+               r"--template auto would take alpaca\.$"
+    else:
+        args[args.index("--max-seq-len") + 1 if "--max-seq-len" in args else len(args):] = ["--max-seq-len", "8"]
+        want = r"no training examples left .*: --max-seq-len 8 left 40 of them no answer to train on; raise it\.$"
+    with pytest.raises(D.DataError, match=want) as e:
+        T.train(T.parse_config(args))
+    assert "\n" not in str(e.value)
+
+
 # ----------------------------------------------------------------------------- fuzz
 
 GOOD = {
