@@ -425,9 +425,9 @@ def answer(model, tok: Tokenizer, eos: list[int], text: str, ids: list[int], arg
     # The first token costs the prefill (the whole prompt); decoding speed counts the rest.
     n = len(out)
     first = stamps[0] - start if stamps else 0.0
-    rate = (n - 1) / (stamps[-1] - stamps[0]) if n > 1 and stamps[-1] > stamps[0] else float("nan")
-    print(f"[{n} tokens; prompt {len(ids)} tokens in {first:.2f} s; decoding {rate:.1f} tokens/s]",
-          file=sys.stderr, flush=True)
+    rate = f"; decoding {(n - 1) / (stamps[-1] - stamps[0]):.1f} tokens/s" if n > 1 and stamps[-1] > stamps[0] else ""
+    empty = " (the model ended at once: an empty answer)" if n and not stream.text() else ""
+    print(f"[{n} tokens; prompt {len(ids)} tokens in {first:.2f} s{rate}]{empty}", file=sys.stderr, flush=True)
     return stream.text()
 
 

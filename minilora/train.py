@@ -228,6 +228,8 @@ def train(cfg: TrainConfig) -> dict:
         print(f"WARNING: could not draw {out / 'loss.png'}: {why(e)}", file=sys.stderr)
     if report.get("eval_loss_before") is not None:
         print(f"eval loss: {report['eval_loss_before']:.4f} -> {report['eval_loss_after']:.4f}")
+    elif report.get("eval_loss_after") is not None:  # a resumed run: the loss before is in metrics.jsonl's first rows
+        print(f"eval loss: {report['eval_loss_after']:.4f}")
     if demo_eval is not None:
         print_demo_summary(report)
     print(f"adapter saved to {out / 'adapter'}")
