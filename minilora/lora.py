@@ -73,20 +73,15 @@ def apply_lora(model: nn.Module, r: int = 16, alpha: float = 16, dropout: float 
         raise ValueError(f"target module(s) {sorted(unknown)}: " + (
             f"LoRA on {' or '.join(sorted(unsupported))} is not supported" if unsupported else "not found in the model")
             + f"; LoRA goes on: {', '.join(available)}.")
-    chosen = [n for n in sorted(linears) if n.rsplit(".", 1)[-1] in targets and (paths is None or n in paths)]
-    width, narrowest = min(((min(model.get_submodule(n).in_features, model.get_submodule(n).out_features), n)
-                            for n in chosen), default=(r, None))
-    if r > width:  # B @ A (out x r @ r x in) has rank at most min(in, out): more factors only take memory
-        raise ValueError(f"LoRA rank r={r} is more than {narrowest} has features ({width}), so B @ A can have no rank "
-                         f"above {width}; choose r <= {width}.")
     for p in model.parameters():
         p.requires_grad_(False)
     wrapped = []
-    for name in chosen:
+    for name in sorted(linears):
         parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, leaf, LoRALinear(getattr(parent, leaf), r, alpha, dropout, rslora))
-        wrapped.append(name)
+        if leaf in targets and (paths is None or name in paths):
+            parent = model.get_submodule(parent_name)
+            setattr(parent, leaf, LoRALinear(getattr(parent, leaf), r, alpha, dropout, rslora))
+            wrapped.append(name)
     return wrapped
 
 
