@@ -127,13 +127,29 @@ class UsageError(ValueError):
     """A bad flag or value: printed as one line, exit code 2."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, as every other bad flag gets, not argparse's usage block first
-        raise UsageError(f"{message} (--help lists every flag)")
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default where it has one to say (not None, False or empty)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == "":
+            return action.help
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse for the commands (train, generate, merge): a bad flag raises UsageError, one line for the command
+    to print (argparse would print its usage block first), with a hint for a flag spelled like a near one."""
+
+    def error(self, message):
+        hint = ""
+        if message.startswith("unrecognized arguments: "):  # e.g. --max_new_tokens, as transformers spells it
+            flag = message.split(": ", 1)[1].split()[0].split("=")[0]
+            hint = closest(flag.replace("_", "-"), [o for a in self._actions for o in a.option_strings])
+        raise UsageError(f"{message}.{hint} (--help lists every flag)")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m minilora.train", description=__doc__.split("\n\n")[0],
+    p = Parser(prog="python -m minilora.train", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(TrainConfig):
         flags = ["--" + f.name.replace("_", "-")] + PEFT_NAMES.get(f.name, [])

@@ -37,6 +37,7 @@ from . import run_command
 from .adapter import CHAT_TEMPLATE, base_model_of, load_adapter, read_adapter_config
 from .chat import ChatError, chat_format
 from .checkpoint import load_model, pick_device, resolve_model
+from .config import HelpFormatter, Parser, UsageError
 from .tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------- EOS ids
@@ -309,11 +310,11 @@ class UserError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="minilora.generate",
         description="Generate text with a Llama / Qwen2 model (e.g. DeepSeek-R1-Distill), optionally with a "
                     "LoRA adapter, streaming tokens as they come.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--model", default=None, help="Hugging Face checkpoint folder or hub id (org/name); left out, the "
                    "base model the --adapter names (its adapter_config.json's base_model_name_or_path)")
@@ -458,8 +459,8 @@ def chat_loop(model, tok, eos, args):
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         check_args(args)
         try:
             device = pick_device(args.device)
@@ -478,7 +479,7 @@ def main(argv=None) -> int:
                 {"role": "user", "content": args.prompt}]
             text = render(tok, messages)
             answer(model, tok, eos, text, tok.encode(text, add_special_tokens=False), args)
-    except UserError as e:
+    except (UserError, UsageError) as e:
         print(f"minilora.generate: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -55,6 +55,7 @@ from ..adapter import (CHAT_TEMPLATE, adapter_scale, base_model_of, check_adapte
                        read_adapter_tensors)
 from ..atomic import atomic_dir
 from ..chat import for_inference
+from ..config import HelpFormatter, Parser
 from ..checkpoint import count_tensors, is_rope_table, iter_tensors, resolve_model, safetensors_files
 from ..nf4 import NF4Linear
 from .gguf import GGUF_OUT_TYPES, write_gguf
@@ -262,8 +263,8 @@ def carry_chat_template(adapter: Path, folder: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="minilora.merge", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = Parser(
+        prog="minilora.merge", formatter_class=HelpFormatter,
         description="Merge a LoRA adapter into its base model (W + scale * B @ A), streaming one tensor at a time, "
                     "into a Hugging Face folder; optionally also a GGUF file and a hub upload.")
     p.add_argument("--model", default=None,
@@ -292,8 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         out = merge(args.model or base_model_of(args.adapter), args.adapter, args.output_dir, dtype=args.dtype, save_method=args.save_method,
                     gguf=args.gguf, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
                     push_to_hub_id=args.push_to_hub, private=args.private)
