@@ -62,7 +62,7 @@ def test_merged_smollm2_matches_unmerged_and_its_gguf(smollm2, smollm2_adapter, 
     torch.testing.assert_close(got, unmerged, atol=1e-3, rtol=0)
     assert (got - base_logits).abs().max() > 0.5
     assert {p.name for p in out.iterdir()} == {"tokenizer.json", "tokenizer_config.json", "config.json",
-                                               "model.safetensors.index.json", "model-00001-of-00001.safetensors",
+                                               "model.safetensors",  # one file, unindexed, as transformers names it
                                                "merged-f16.gguf", "Modelfile"}  # Modelfile: test_modelfile.py
 
     ours = gguf.GGUFReader(str(out / "merged-f16.gguf"))
@@ -95,7 +95,7 @@ def test_default_dtype_is_bf16(tmp_path):
     base, adapter, _ = make_adapter(tmp_path)
     out = merge(base, adapter, tmp_path / "merged", progress=False)
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
-    with safe_open(str(out / "model-00001-of-00001.safetensors"), framework="pt") as st:
+    with safe_open(str(out / "model.safetensors"), framework="pt") as st:
         assert st.metadata() == {"format": "pt"}
         assert {st.get_slice(k).get_dtype() for k in st.keys()} == {"BF16"}
     assert hf_model(out).config.vocab_size == 320  # transformers reads it
@@ -210,7 +210,7 @@ def test_merged_4bit_warns_and_merges_into_the_nf4_rounded_base(tmp_path):
     with safe_open(str(adapter / "adapter_model.safetensors"), framework="pt") as st:
         a = st.get_tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight")
         b = st.get_tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight")
-    with safe_open(str(out / "model-00001-of-00001.safetensors"), framework="pt") as st:
+    with safe_open(str(out / "model.safetensors"), framework="pt") as st:
         torch.testing.assert_close(st.get_tensor("model.layers.0.self_attn.q_proj.weight"), nf4(w_q) + 2.0 * b @ a,
                                    atol=1e-6, rtol=0)
         torch.testing.assert_close(st.get_tensor("model.layers.0.mlp.up_proj.weight"), nf4(w_up), atol=0, rtol=0)
@@ -272,9 +272,8 @@ def test_push_to_hub(tmp_path, monkeypatch):
     assert create == ("create_repo", {"repo_id": "me/merged", "repo_type": "model", "private": True, "exist_ok": True})
     assert upload[1]["folder_path"] == str(tmp_path / "merged") and upload[1]["repo_id"] == "me/merged"
     assert upload[1]["ignore_patterns"] == [".*", "**/.*"]  # no temporary files
-    assert upload[2] == ["config.json", "generation_config.json", "model-00001-of-00001.safetensors",
-                         "model.safetensors.index.json",
-                         "tokenizer.json", "tokenizer_config.json"]
+    assert upload[2] == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                         "tokenizer_config.json"]
 
 
 def test_parse_size():

@@ -144,8 +144,9 @@ def merged_tensors(files, pairs, scale: float, dtype: torch.dtype, round_nf4: bo
         yield name, t.to(dtype).contiguous()
 
 
-def write_shards(tensors, folder: Path, max_shard_size: int) -> dict:
-    """Write tensors into shards of at most `max_shard_size` bytes as they arrive; return the index.
+def write_shards(tensors, folder: Path, max_shard_size: int) -> dict | None:
+    """Write tensors into shards of at most `max_shard_size` bytes as they arrive; return the index, or None where
+    all of them fit one file, which is then model.safetensors alone (as transformers' save_pretrained names it).
 
     A shard is written as soon as the next tensor would overflow it, so only one shard is held in
     memory. Its final name needs the shard count, known only at the end, so shards are renamed last.
@@ -169,6 +170,9 @@ def write_shards(tensors, folder: Path, max_shard_size: int) -> dict:
         total += nbytes
     if shard or not written:
         flush()
+    if len(written) == 1:
+        written[0][0].rename(folder / "model.safetensors")
+        return None
     for i, (part, names) in enumerate(written, 1):
         final = f"model-{i:05d}-of-{len(written):05d}.safetensors"
         part.rename(folder / final)
@@ -223,7 +227,8 @@ def merge(model: str | Path, adapter: str | Path, output_dir: str | Path, *, dty
     with atomic_dir(out, overwrite=overwrite) as tmp:
         index = write_shards(merged_tensors(files, pairs, scale, DTYPES[dtype], save_method == "merged_4bit", progress),
                              tmp, shard_bytes)
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if index is not None:
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")
         for f in TOKENIZER_FILES:
             if (base / f).is_file():
@@ -233,7 +238,9 @@ def merge(model: str | Path, adapter: str | Path, output_dir: str | Path, *, dty
             path = write_gguf(tmp, tmp / f"{out.name}-{gguf}.gguf", gguf, progress=progress, name=out.name)
             try:  # the chat template in Ollama's terms, beside the file (modelfile.py)
                 write_modelfile(path)
+                print(f"GGUF for llama.cpp: {out / path.name}; Ollama: ollama create NAME -f {out / 'Modelfile'}")
             except UnknownTemplate as e:
+                print(f"GGUF for llama.cpp: {out / path.name}")
                 warnings.warn(str(e), UserWarning, stacklevel=2)
     if push_to_hub_id:
         print(f"pushed to {push_to_hub(out, push_to_hub_id, private=private)}")
