@@ -175,7 +175,7 @@ def train(cfg: TrainConfig) -> dict:
             tokens = dp.all_reduce_sum(sum(b["input_ids"].numel() for b in batches))  # padding included
             mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{gnorm:.3f}", tok_s=f"{tokens / dt:,.0f}",
-                            mem=f"{mem:.1f}G", refresh=False)
+                            **({"mem": f"{mem:.1f}G"} if device.type == "cuda" else {}), refresh=False)
             bar.update(1)
             if state.step % cfg.log_every == 0 or state.step == total_steps or not good:
                 log({"step": state.step, "split": "train", "lr": lr, "loss": loss if math.isfinite(loss) else None,
