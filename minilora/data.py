@@ -185,7 +185,8 @@ def dataset_files(folder: Path, config: str, split: str, name: str) -> list[Path
 
     card = folder / "README.md"
     configs = (metadata_load(card) or {}).get("configs") if card.is_file() else None
-    present = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != "README.md")
+    present = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                     if p.is_file() and p.name != "README.md")
     if configs:
         by_name = {c.get("config_name", "default"): c for c in configs}
         if not config:
@@ -514,7 +515,7 @@ def check_vocab(examples: list[Example], tok: Tokenizer, vocab_size: int | None,
     """Every token id must index the model's embedding table. A tokenizer from another model gives ids past it,
     which would stop the run at its first step with an index error (on a GPU, a device-side assert). The data is
     scanned only where the tokenizer has more tokens than the model, which the models' own never do."""
-    if vocab_size is None or tok.tk.get_vocab_size(with_added_tokens=True) <= vocab_size:
+    if vocab_size is None or tok.vocab_size <= vocab_size:
         return
     top = max((max(e.input_ids) for e in examples if e.input_ids), default=-1)
     if top >= vocab_size:

@@ -55,8 +55,8 @@ from ..adapter import (CHAT_TEMPLATE, adapter_scale, base_model_of, check_adapte
                        read_adapter_tensors)
 from ..atomic import atomic_dir
 from ..chat import for_inference
-from ..config import HelpFormatter, Parser
 from ..checkpoint import count_tensors, is_rope_table, iter_tensors, resolve_model, safetensors_files
+from ..config import HelpFormatter, Parser
 from ..nf4 import NF4Linear
 from .gguf import GGUF_OUT_TYPES, write_gguf
 from .hub import hub_token, push_to_hub
@@ -302,9 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        out = merge(args.model or base_model_of(args.adapter), args.adapter, args.output_dir, dtype=args.dtype, save_method=args.save_method,
-                    gguf=args.gguf, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
-                    push_to_hub_id=args.push_to_hub, private=args.private)
+        out = merge(args.model or base_model_of(args.adapter), args.adapter, args.output_dir, dtype=args.dtype,
+                    save_method=args.save_method, gguf=args.gguf, overwrite=args.overwrite,
+                    max_shard_size=args.max_shard_size, push_to_hub_id=args.push_to_hub, private=args.private)
     except (OSError, ValueError, KeyError) as e:  # the user's input, the disk or the network: one line, no traceback
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"minilora.merge: error: {message}", file=sys.stderr)
