@@ -328,17 +328,15 @@ def micro_batches(examples, epoch_order, start: int, count: int, batch_size: int
     """`count` micro-batches of `batch_size` from position `start` of the data. Position p is the example
     `epoch_order(epoch=p // n)[p % n]`: a step that crosses an epoch's end goes on with the next epoch's shuffle, so
     each epoch draws each example once."""
-    n, orders = len(examples), {}
-    out = []
-    for b in range(count):
-        mb = []
-        for p in range(start + b * batch_size, start + (b + 1) * batch_size):
-            epoch, i = divmod(p, n)
-            if epoch not in orders:
-                orders[epoch] = epoch_order(epoch=epoch)
-            mb.append(examples[orders[epoch][i]])
-        out.append(mb)
-    return out
+    orders = {}
+
+    def example(p: int):
+        epoch, i = divmod(p, len(examples))
+        if epoch not in orders:
+            orders[epoch] = epoch_order(epoch=epoch)
+        return examples[orders[epoch][i]]
+
+    return [[example(start + b * batch_size + i) for i in range(batch_size)] for b in range(count)]
 
 
 def rank_slice(mbs: list[list], rank: int, world: int) -> list[list]:

@@ -261,8 +261,10 @@ def clear_output(cfg, out: Path) -> None:
     run that fails before that leaves the old one as it was."""
     if cfg.overwrite and out.is_dir() and dp.is_main():  # the other ranks wait at train.py's barrier
         for p in out.iterdir():
-            if is_run_file(p.name):
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
+            if is_run_file(p.name) and p.is_dir():
+                shutil.rmtree(p)
+            elif is_run_file(p.name):
+                p.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
 
