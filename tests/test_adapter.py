@@ -173,7 +173,7 @@ def test_target_module_the_model_lacks(tmp_path):
     with safe_open(str(adapter / "adapter_model.safetensors"), framework="pt") as st:
         tensors = {k.replace("q_proj", "qkv_proj"): st.get_tensor(k) for k in st.keys()}
     save_file(tensors, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"does not fit this model.*\['qkv_proj'\] not found"):
+    with pytest.raises(ValueError, match=r"does not fit this model.*\['qkv_proj'\]: not found"):
         load_adapter(load_model(mfolder, quantize=None, progress=False), adapter)
 
 
