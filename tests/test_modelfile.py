@@ -143,3 +143,19 @@ def test_merge_writes_no_modelfile_for_an_unknown_template_and_says_so(tmp_path)
     with pytest.warns(UserWarning, match="none of the chat formats minilora can write for Ollama"):
         out = merge(base, adapter, tmp_path / "merged", gguf="q8_0", progress=False)
     assert (out / "merged-q8_0.gguf").is_file() and not (out / "Modelfile").exists()
+
+
+@pytest.mark.parametrize("fmt,family_name", [("alpaca", "Alpaca prompt"), ("r1", "R1 prompt")])
+def test_the_prompt_formats_of_alpaca_and_r1_adapters(fmt, family_name, deepseek_r1):
+    """An adapter trained on alpaca or r1 records keeps that prompt as its chat template (data.prompt_template), with
+    DeepSeek-R1-Distill's BOS: Ollama's TEMPLATE renders what transformers renders from it, for every conversation
+    without a system message (which the Jinja template refuses, and the Go one leaves out)."""
+    from minilora.data import prompt_template
+    from minilora.tokenizer import Tokenizer
+
+    template = prompt_template(fmt, Tokenizer(deepseek_r1))
+    family, system = match_family(template, R1_TOKENS["bos"], R1_TOKENS["eos"], R1_TOKENS["add_bos"])
+    assert (family.name, system) == (family_name, None) and family.stop == (R1_TOKENS["eos"],)
+    for messages in [c for c in CONVERSATIONS if all(m["role"] != "system" for m in c)]:
+        want = transformers_render(template, R1_TOKENS, messages)
+        assert want == R1_TOKENS["bos"] + ollama_render(family.go_template, messages, None), messages

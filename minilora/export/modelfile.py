@@ -12,6 +12,8 @@ renders the same text, and the stop tokens:
   block is not this format, and is refused)
 - DeepSeek-R1 (R1-Distill-Qwen and -Llama): system, then <｜User｜>...<｜Assistant｜>...<｜end▁of▁sentence｜>,
   the answer opened with <｜Assistant｜><think>\\n (or <｜Assistant｜> in the first release of the template)
+- the alpaca and r1 prompts of data.py, which an adapter trained on such records keeps as its chat template:
+  each user turn the whole prompt, each answer followed by EOS, no system message
 The model's own Jinja template is rendered (tokenizer.py, as transformers does) on four probe conversations
 and compared with each family's Python rendering; a family is chosen only if all four match exactly.
 Anything else gets no Modelfile and a message saying why: a guessed template would make a model that
@@ -33,6 +35,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+import jinja2
 
 from ..tokenizer import compile_chat_template
 
@@ -89,6 +93,30 @@ PROBES = ([{"role": "user", "content": _U1}],
            {"role": "user", "content": _U2}])
 
 
+REFUSED = "\0refused"  # what a template that raises on a conversation (a system message, say) renders here
+
+
+def prompt_families(eos_token: str | None) -> tuple[Family, ...]:
+    """The single-turn prompt formats an adapter trained on alpaca or r1 records keeps as its chat template
+    (data.prompt_template): each user turn the whole prompt, each answer followed by EOS; a system message is
+    refused by the Jinja template and left out by the Go one."""
+    from ..data import ALPACA_PROMPT, R1_PROMPT
+
+    eos = eos_token or ""
+    families = []
+    for name, user in (("Alpaca prompt", ALPACA_PROMPT.format(ctx="", instruction="\1", input="")),
+                       ("R1 prompt", R1_PROMPT.format(question="\1"))):
+        def render(messages, user=user):
+            if any(m["role"] not in ("user", "assistant") for m in messages):
+                return REFUSED
+            return "".join(user.replace("\1", m["content"]) if m["role"] == "user" else m["content"] + eos
+                           for m in messages)
+        go = ('{{- range .Messages }}{{ if eq .Role "user" }}' + user.replace("\1", "{{ .Content }}") +
+              '{{ else if eq .Role "assistant" }}{{ .Content }}' + eos + "{{ end }}{{ end }}")
+        families.append(Family(name, go, render, (eos,) if eos else ()))
+    return tuple(families)
+
+
 class UnknownTemplate(ValueError):
     pass
 
@@ -101,8 +129,11 @@ def match_family(template: str, bos_token: str | None, eos_token: str | None, ad
     bos = bos_token if add_bos and bos_token else ""  # Ollama adds this one itself
 
     def rendered(messages):
-        text = jinja.render(messages=messages, add_generation_prompt=True, bos_token=bos_token, eos_token=eos_token)
-        if not bos:
+        try:
+            text = jinja.render(messages=messages, add_generation_prompt=True, bos_token=bos_token, eos_token=eos_token)
+        except jinja2.TemplateError:  # the template's raise_exception
+            return REFUSED
+        if not bos or text == REFUSED:
             return text
         return text[len(bos):] if text.startswith(bos) else None  # None: the template's BOS is missing
 
@@ -111,7 +142,8 @@ def match_family(template: str, bos_token: str | None, eos_token: str | None, ad
         raise UnknownTemplate(
             f"{source} does not begin with the BOS token {bos_token!r}, but the GGUF says add_bos_token, so Ollama "
             "would put one in front that the model never saw in training. No Modelfile was written.")
-    for family in FAMILIES:
+    families = FAMILIES + prompt_families(eos_token)
+    for family in families:
         # a default system prompt: what the template writes for [user] where the family puts a system message
         before, _, after = family.render([{"role": "system", "content": "\0"}] + PROBES[0]).partition("\0")
         first = texts[0] or ""
@@ -124,7 +156,7 @@ def match_family(template: str, bos_token: str | None, eos_token: str | None, ad
         if all(t == family.render(p) for t, p in zip(texts, with_system)):
             return family, system
     raise UnknownTemplate(
-        f"{source} is none of the chat formats minilora can write for Ollama ({', '.join(f.name for f in FAMILIES)}): "
+        f"{source} is none of the chat formats minilora can write for Ollama ({', '.join(f.name for f in families)}): "
         f"rendered on a test conversation it gives {(texts[2] or '')[:160]!r}. No Modelfile was written; write its "
         "TEMPLATE by hand (https://github.com/ollama/ollama/blob/main/docs/template.md).")
 
