@@ -4,7 +4,7 @@ The commands: `python -m minilora.train`, `python -m minilora.generate`, `python
 The package has four parts; README.md has the whole file map with line counts.
 
     the core     model.py -> nf4.py -> lora.py -> loss.py -> train.py, the learner's path; with config.py,
-                 tokenizer.py, chat.py (chat records and their label spans), data.py, checkpoint.py and
+                 tokenizer.py, chat.py (chat records and their label spans), data.py, hub_data.py, checkpoint.py and
                  adapter.py. It imports nothing from speed/.
     speed/       what makes training fast or lean, attached to the unchanged model by speed.configure
     run/         resume, faults and the end-of-run report

@@ -5,6 +5,7 @@ import jinja2
 import pytest
 
 from minilora import data as D
+from minilora.hub_data import dataset_files, fetch_hub_dataset
 from minilora.tokenizer import Tokenizer
 
 
@@ -171,7 +172,7 @@ def test_hub_data_set_files_are_the_ones_datasets_reads(layout, tmp_path, monkey
         except (ValueError, FileNotFoundError):
             ref = None
         try:
-            ours = [r["Question"] for f in D.dataset_files(folder, config, split or "train", "org/data")
+            ours = [r["Question"] for f in dataset_files(folder, config, split or "train", "org/data")
                     for r in D.read_records(f)[0]]
         except D.DataError as e:
             assert "org/data" in str(e)  # the message names the data set
@@ -193,7 +194,7 @@ def test_fetch_hub_dataset_says_which_files_it_reads(tmp_path, monkeypatch, caps
 
     write_layout(tmp_path, LAYOUTS["medical-o1"])
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: str(tmp_path))
-    files = D.fetch_hub_dataset("FreedomIntelligence/medical-o1-reasoning-SFT:zh@train")
+    files = fetch_hub_dataset("FreedomIntelligence/medical-o1-reasoning-SFT:zh@train")
     assert files == [tmp_path / "medical_o1_sft_Chinese.json"]
     assert "medical-o1-reasoning-SFT:zh@train: medical_o1_sft_Chinese.json" in capsys.readouterr().out
 

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "minilora"
-CORE = ["model.py", "nf4.py", "lora.py", "loss.py", "tokenizer.py", "chat.py", "data.py", "checkpoint.py",
-        "adapter.py", "config.py", "atomic.py"]
+CORE = ["model.py", "nf4.py", "lora.py", "loss.py", "tokenizer.py", "chat.py", "data.py", "hub_data.py",
+        "checkpoint.py", "adapter.py", "config.py", "atomic.py"]
 
 
 def imported_modules(path: Path) -> set[str]:
