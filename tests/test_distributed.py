@@ -155,6 +155,7 @@ ref_y.square().sum().backward()
 torch.testing.assert_close(y, ref_y)
 torch.testing.assert_close(x.grad, ref_x.grad)
 print("ok")
+dp.teardown()  # as train.py does: a process group left to the interpreter's exit can abort there (gloo's threads)
 """
 
 
