@@ -226,12 +226,12 @@ def train(cfg: TrainConfig) -> dict:
         plot_losses(out)
     except OSError as e:
         print(f"WARNING: could not draw {out / 'loss.png'}: {why(e)}", file=sys.stderr)
-    if report.get("eval_loss_before") is not None:
+    if demo_eval is not None:  # its summary has the eval loss too
+        print_demo_summary(report)
+    elif report.get("eval_loss_before") is not None:
         print(f"eval loss: {report['eval_loss_before']:.4f} -> {report['eval_loss_after']:.4f}")
     elif report.get("eval_loss_after") is not None:  # a resumed run: the loss before is in metrics.jsonl's first rows
         print(f"eval loss: {report['eval_loss_after']:.4f}")
-    if demo_eval is not None:
-        print_demo_summary(report)
     print(f"adapter saved to {out / 'adapter'}")
     if cfg.push_to_hub:
         from .export.hub import push_to_hub
