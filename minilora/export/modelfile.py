@@ -93,7 +93,9 @@ PROBES = ([{"role": "user", "content": _U1}],
            {"role": "user", "content": _U2}])
 
 
-REFUSED = "\0refused"  # what a template that raises on a conversation (a system message, say) renders here
+# what a template that raises on a conversation (a system message, say) renders here; not "\0", which
+# match_family writes where a family puts a system message
+REFUSED = "\x02refused"
 
 
 def prompt_families(eos_token: str | None) -> tuple[Family, ...]:
