@@ -77,8 +77,11 @@ class GraphedMicroBatches:
     step's label tokens) from a recording of its shape; returns the batch's loss sum (a 0-dim tensor on the GPU,
     valid until the next call)."""
 
-    def __init__(self, step, params: list[torch.Tensor]):
+    def __init__(self, step, params: list[torch.Tensor], drain: bool = False):
         self.step, self.params = step, params
+        # every recording waits for the GPU first (`_capture`): under --offload, whose page-locked host buffers are
+        # reused only once their copies are done; otherwise the recording allocates new ones, which a capture forbids
+        self.drain = drain
         self.seen: set[tuple] = set()  # the shapes run without a graph: the warm-up, and any whose recording failed
         self.recorded: dict[tuple, tuple] = {}  # the inputs' shapes -> (graph, static inputs, scale, loss_sum)
         self.pool = torch.cuda.graph_pool_handle()
@@ -124,7 +127,7 @@ class GraphedMicroBatches:
         ids = static["input_ids"]
         scale = torch.full((), inv_n, dtype=torch.float32, device=ids.device)
         free, total = torch.cuda.mem_get_info()
-        tight = free < total // 4
+        tight = self.drain or free < total // 4
         try:  # a recording runs no kernels: the gradients are left as they are, for the replay to add into
             try:
                 graph, loss_sum = self._capture(static, scale, drain=tight)
