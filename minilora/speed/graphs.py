@@ -79,8 +79,9 @@ class GraphedMicroBatches:
 
     def __init__(self, step, params: list[torch.Tensor], drain: bool = False):
         self.step, self.params = step, params
-        # every recording waits for the GPU first (`_capture`): under --offload, whose page-locked host buffers are
-        # reused only once their copies are done; otherwise the recording allocates new ones, which a capture forbids
+        # under --offload: each shape runs once without a graph, then is recorded after the GPU has drained (`_capture`):
+        # its page-locked host buffers are allocated at a shape's first use, and reused only once their copies are
+        # done, and a capture can allocate none (on an H100 the first-use recording failed and broke the pool)
         self.drain = drain
         self.seen: set[tuple] = set()  # the shapes run without a graph: the warm-up, and any whose recording failed
         self.recorded: dict[tuple, tuple] = {}  # the inputs' shapes -> (graph, static inputs, scale, loss_sum)
@@ -93,8 +94,8 @@ class GraphedMicroBatches:
         inputs = replay_inputs(batch)
         shape = tuple((k, tuple(t.shape)) for k, t in inputs.items())
         if shape not in self.recorded:
-            if not self.seen:  # the run's first micro-batch: the warm-up (above)
-                recorded = None
+            if not self.seen or self.drain:  # the run's first micro-batch: the warm-up (above); under --offload each
+                recorded = None  # shape's first, which allocates its page-locked buffers (a capture cannot)
             elif shape in self.seen:  # it ran once already, without a graph
                 recorded = self._record(batch, inv_n)
             else:  # its first time: recorded, unless the recording would compile
