@@ -175,7 +175,7 @@ class Speed:
         if scaler is not None and scaler.is_enabled():
             raise ValueError("CUDA graphs record the step without fp16 loss scaling; train in bf16 or without graphs.")
         return GraphedMicroBatches(functools.partial(step, loss=functools.partial(self.loss, every_position=True)),
-                                   params, drain=self.offload)
+                                   params, offload=self.offload)
 
 
 def configure(cfg, device, world: int = 1) -> Speed:

@@ -35,15 +35,12 @@ What a recording needs, and how it gets it here:
   if a recording would compile after all (a shape the compile did not make dynamic, say), it is dropped, the
   micro-batch runs as it is, and that shape is recorded the next time it comes.
 
-Cost: each shape costs a recording (the step's Python run once, with no kernels, then the graph's build), once,
-made while the GPU runs the step's earlier micro-batches (`_capture`);
+Cost: each shape costs a recording (the step's Python run once, with no kernels, then the graph's build), once;
 the pool keeps the memory of the recorded steps' activations between replays (bench/NOTES.md, sections
 9 and 16, have the figures).
 Reference: tests/test_graphs.py compares losses and LoRA gradients with the eager step on a GPU.
 """
 from __future__ import annotations
-
-import contextlib
 
 import torch
 
@@ -77,16 +74,14 @@ class GraphedMicroBatches:
     step's label tokens) from a recording of its shape; returns the batch's loss sum (a 0-dim tensor on the GPU,
     valid until the next call)."""
 
-    def __init__(self, step, params: list[torch.Tensor], drain: bool = False):
+    def __init__(self, step, params: list[torch.Tensor], offload: bool = False):
         self.step, self.params = step, params
-        # under --offload: each shape runs once without a graph, then is recorded after the GPU has drained (`_capture`):
-        # its page-locked host buffers are allocated at a shape's first use, and reused only once their copies are
-        # done, and a capture can allocate none (on an H100 the first-use recording failed and broke the pool)
-        self.drain = drain
+        # under --offload each shape runs once without a graph before it is recorded: its page-locked host buffers are
+        # allocated at a shape's first use, which a capture cannot do (on an H100 the first-use recording failed)
+        self.offload = offload
         self.seen: set[tuple] = set()  # the shapes run without a graph: the warm-up, and any whose recording failed
         self.recorded: dict[tuple, tuple] = {}  # the inputs' shapes -> (graph, static inputs, scale, loss_sum)
         self.pool = torch.cuda.graph_pool_handle()
-        self.stream = torch.cuda.Stream()  # recordings are made on a stream of their own, as torch.cuda.graph does
         self.grads = [torch.zeros_like(p) for p in params]
 
     def __call__(self, batch: dict, inv_n: float) -> torch.Tensor:
@@ -94,7 +89,7 @@ class GraphedMicroBatches:
         inputs = replay_inputs(batch)
         shape = tuple((k, tuple(t.shape)) for k, t in inputs.items())
         if shape not in self.recorded:
-            if not self.seen or (self.drain and shape not in self.seen):  # the run's first micro-batch: the warm-up
+            if not self.seen or (self.offload and shape not in self.seen):  # the run's first micro-batch: the warm-up
                 recorded = None  # (above); under --offload each shape's first, which allocates its page-locked buffers
             elif shape in self.seen:  # it ran once already, without a graph
                 recorded = self._record(batch, inv_n)
@@ -127,18 +122,10 @@ class GraphedMicroBatches:
         static = {k: v.clone() for k, v in batch.items()}  # tensors, and a padding-free row's Documents
         ids = static["input_ids"]
         scale = torch.full((), inv_n, dtype=torch.float32, device=ids.device)
-        free, total = torch.cuda.mem_get_info()
-        tight = self.drain or free < total // 4
+        graph = torch.cuda.CUDAGraph()
         try:  # a recording runs no kernels: the gradients are left as they are, for the replay to add into
-            try:
-                graph, loss_sum = self._capture(static, scale, drain=tight)
-            except RuntimeError as e:
-                # once more as torch.cuda.graph records, drained: after running out of memory (the cache held what the
-                # recording needed) or any other failure, but a first use's other failures (a refused recompile, say:
-                # the shape is recorded at its next use)
-                if tight or (first_use and not isinstance(e, torch.OutOfMemoryError)):
-                    raise
-                graph, loss_sum = self._capture(static, scale, drain=True)
+            with torch.cuda.graph(graph, pool=self.pool):
+                loss_sum = self.step(static, scale)
         except torch.OutOfMemoryError:
             raise  # the trainer's out-of-memory advice applies as it is
         except RuntimeError as e:
@@ -147,28 +134,3 @@ class GraphedMicroBatches:
             raise GraphRecordingError(f"recording a CUDA graph of a {tuple(ids.shape)} micro-batch failed: "
                                       f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
         return graph, replay_inputs(static), scale, loss_sum
-
-    def _capture(self, static: dict, scale: torch.Tensor, drain: bool):
-        """(graph, loss_sum): `self.step` recorded on a stream of its own into the shared pool, as
-        `torch.cuda.graph(graph, pool=self.pool)` records it, less its first steps: it waits for the GPU to finish
-        everything queued and empties the allocator's caches, so that the recording can take that memory. Without
-        the wait, the recording's host pass (0.3-0.4 s for the 1.5B model) runs while the GPU still works through
-        the step's earlier micro-batches, instead of after them with the GPU idle. With `drain` (`_record` asks for it
-        where less than a quarter of the GPU's memory is free, or after a recording without it failed) it waits and
-        empties the device's cache first."""
-        if drain:
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-        graph = torch.cuda.CUDAGraph()
-        self.stream.wait_stream(torch.cuda.current_stream())  # the static inputs' copies come first
-        with torch.cuda.stream(self.stream):
-            graph.capture_begin(pool=self.pool)
-            try:
-                loss_sum = self.step(static, scale)
-            except BaseException:
-                with contextlib.suppress(RuntimeError):  # the capture is broken: the first error is the one to tell
-                    graph.capture_end()
-                raise
-            graph.capture_end()
-        torch.cuda.current_stream().wait_stream(self.stream)
-        return graph, loss_sum
