@@ -108,14 +108,25 @@ def train(cfg: TrainConfig) -> dict:
                 f.write(json.dumps(row) + "\n")
             state.metrics["metrics_rows"] += 1  # saved with each checkpoint: where a resume cuts the file back to
 
-    def step_batches(position: int):
-        """The step's micro-batches from `position` of the data (drawn at batch_size x world, the same on every
-        rank); this rank's slice of them on the device (padding-free: dealt into rows), and its label tokens."""
-        size = cfg.batch_size * dp.world()
-        order = functools.partial(D.epoch_order, len(train_set), cfg.seed, lengths=lengths, batch=size)
+    size = cfg.batch_size * dp.world()  # micro-batches are drawn at this size, the same on every rank
+    # each epoch's shuffle, made once (a step, and the row plan below, asks for it again)
+    order = functools.lru_cache(maxsize=4)(functools.partial(D.epoch_order, len(train_set), cfg.seed,
+                                                             lengths=lengths, batch=size))
+
+    def step_examples(position: int):
+        """The step's micro-batches from `position` of the data, and this rank's slice of them."""
         mbs = micro_batches(train_set, order, position, cfg.grad_accum, size)
-        mine = rank_slice(mbs, dp.rank(), dp.world())
+        return mbs, rank_slice(mbs, dp.rank(), dp.world())
+
+    def step_batches(position: int):
+        """The step's micro-batches; this rank's slice of them on the device (padding-free: dealt into rows), and
+        its label tokens."""
+        mbs, mine = step_examples(position)
         return mbs, fast.make_batches(mine, pad_id), D.label_count([e for mb in mine for e in mb])
+
+    # under CUDA graphs the rows take a few lengths, chosen once from the steps to come (padding_free.plan_lengths)
+    fast.plan_rows(lambda i: [e for mb in step_examples(state.position + i * per_step)[1] for e in mb],
+                   total_steps - state.step, max(len(e.input_ids) for e in train_set))
 
     def log_eval() -> float:  # the mean token loss over the eval examples now
         loss = evaluate(model, evals, cfg.batch_size, functools.partial(fast.make_batch, pad_id=pad_id,

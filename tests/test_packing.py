@@ -128,52 +128,66 @@ def _partitions(items):
         yield [[items[0]]] + rest
 
 
+def _uneven(n, low, high, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [D.Example([1] * k, [1] * k) for k in torch.randint(low, high, (n,), generator=g).tolist()]
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_deal_to_lengths_finds_the_cheapest_rows(seed):
-    """deal_to_lengths against every partition of the step's examples (up to one row more than the tokens need):
-    its rows cost the least, a length not yet recorded counting capacity/4 more; each example once; each row within
-    its length; the lengths taken are recorded."""
-    g = torch.Generator().manual_seed(seed)
-    capacity, recorded = 4096, {4096, 2048} if seed % 2 else set()
-    ex = [D.Example([1] * n, [1] * n) for n in torch.randint(300, 1561, (7,), generator=g).tolist()]
-    ladder, before = packing.row_lengths(capacity), set(recorded)
+    """deal_to_lengths against every partition of the step's examples (up to one row more than the tokens need),
+    each group padded to the shortest of the lengths that holds it: its rows cost least (their tokens, and ROW_TOKENS
+    a row); each example once; each row within one of the lengths."""
+    ladder = packing.row_lengths(4096)
+    lengths = ladder if seed % 2 else sorted({*ladder[seed::3], 4096})  # the whole ladder, or a run's few
+    ex = _uneven(7, 300, 1561, seed)
 
-    def cost(lengths):
-        return sum(lengths) + capacity // 4 * len(set(lengths) - before)
-
-    def cheapest_lengths(groups):  # each group's shortest length, or a recorded one if that costs less in all
+    def padded(groups):  # None where a group fits no length
         sums = [sum(len(e.input_ids) for e in grp) for grp in groups]
-        if max(sums) > capacity:
-            return None
-        options = [[t for t in ladder if t >= n] for n in sums]
-        return min(itertools.product(*options), key=cost)
+        return None if max(sums) > 4096 else sum(min(t for t in lengths if t >= n) + packing.ROW_TOKENS for n in sums)
 
-    fewest = -(-sum(len(e.input_ids) for e in ex) // capacity)
-    want = min(cost(c) for p in _partitions(ex) if len(p) <= fewest + 1 and (c := cheapest_lengths(p)))
-    rows = packing.deal_to_lengths(ex, capacity, recorded)
-    assert cost([length for _, length in rows]) == want
+    fewest = -(-sum(len(e.input_ids) for e in ex) // 4096)
+    want = min(c for p in _partitions(ex) if len(p) <= fewest + 1 and (c := padded(p)))
+    rows = packing.deal_to_lengths(ex, lengths)
+    assert packing.rows_cost(rows) == sum(length + packing.ROW_TOKENS for _, length in rows) == want
     assert sorted(id(e) for r, _ in rows for e in r) == sorted(id(e) for e in ex)
-    assert all(sum(len(e.input_ids) for e in r) <= length and length in ladder for r, length in rows)
-    assert recorded == before | {length for _, length in rows}
+    assert all(sum(len(e.input_ids) for e in r) <= length and length in lengths for r, length in rows)
 
 
 def test_deal_to_lengths_of_a_step_too_large_to_search_takes_first_fit_rows():
     """Past 100 examples, or more rows than SEARCH_LIMIT choices of lengths allow, the rows are first-fit's: each
     example once, each row within the shortest length that holds it."""
-    g = torch.Generator().manual_seed(0)
-    for n, low, high in ((150, 10, 60), (40, 900, 1100)):
-        ex = [D.Example([1] * k, [1] * k) for k in torch.randint(low, high, (n,), generator=g).tolist()]
-        rows = packing.deal_to_lengths(ex, 4096, set())
+    for seed, (n, low, high) in enumerate(((150, 10, 60), (40, 900, 1100))):
+        ex = _uneven(n, low, high, seed)
+        rows = packing.deal_to_lengths(ex, packing.row_lengths(4096))
         assert sorted(id(e) for r, _ in rows for e in r) == sorted(id(e) for e in ex)
         assert [length for _, length in rows] == [packing.row_length(sum(len(e.input_ids) for e in r), 4096)
                                                   for r in packing.deal(ex, 4096)]
 
 
-def test_deal_to_lengths_takes_a_recorded_length_over_a_new_one_a_little_shorter():
-    ex = [D.Example([1] * 3500, [1] * 3500)]
-    assert packing.deal_to_lengths(ex, 4096, set()) == [(ex, 3584)]  # 3,584 + 1,024 < 4,096 + 1,024
-    assert packing.deal_to_lengths(ex, 4096, {4096}) == [(ex, 4096)]  # 4,096 < 3,584 + 1,024
-    assert packing.deal_to_lengths(ex, 4096, {4096, 3584}) == [(ex, 3584)]
+def test_plan_lengths_weighs_padding_against_recordings():
+    """plan_lengths against every set of the ladder's lengths (the reference: all 255, each costed as the plan
+    costs it, the steps' rows plus RECORDING_TOKENS for each length): within 1% of the cheapest, on a short run and
+    a long one; a long run affords more lengths than a short one; the longest length holds the longest
+    example; and a length kept only where a run uses it enough to repay its recording."""
+    ladder = packing.row_lengths(4096)
+    steps = [_uneven(8, 300, 1561, seed) for seed in range(6)]
+    longest = max(len(e.input_ids) for step in steps for e in step)
+
+    def cost(lengths, run_steps):
+        rows = sum(packing.rows_cost(packing.deal_to_lengths(step, lengths)) for step in steps)
+        return rows * run_steps / len(steps) + packing.RECORDING_TOKENS * len(lengths)
+
+    plans = {}
+    for run_steps in (6, 600):
+        plans[run_steps] = plan = packing.plan_lengths(steps, 4096, longest, run_steps)
+        sets = [list(c) for k in range(1, 9) for c in itertools.combinations(ladder, k) if c[-1] >= longest]
+        assert cost(plan, run_steps) <= 1.01 * min(cost(c, run_steps) for c in sets)
+        assert plan == sorted(set(plan)) and set(plan) <= set(ladder) and plan[-1] >= longest
+    assert len(plans[600]) > len(plans[6])
+    alike = [[D.Example([1] * 1300, [1] * 1300) for _ in range(8)]] * 4  # rows of 3 x 1,300, 3 x 1,300, 2 x 1,300
+    assert packing.plan_lengths(alike, 4096, 1300, 4) == [4096]  # the last row's 1,024 tokens saved 4 times: no
+    assert packing.plan_lengths(alike, 4096, 1300, 30) == [3072, 4096]  # 30 times: they repay a recording
 
 
 def test_rows_dealt_for_cuda_graphs_train_as_the_padded_batches(tmp_path):
@@ -188,9 +202,10 @@ def test_rows_dealt_for_cuda_graphs_train_as_the_padded_batches(tmp_path):
     ex = examples(8, seed=3)
     fast = speed.configure(TrainConfig(batch_size=2, max_seq_len=256, padding_free="on"), "cpu")
     fast.graphs = True  # as on a GPU, where configure takes them
+    fast.plan_rows(lambda i: ex, 1, max(len(e.input_ids) for e in ex))  # the run's lengths, as the trainer plans
     batches = fast.make_batches([ex[i:i + 2] for i in range(0, 8, 2)], 0)
     lengths = [b["input_ids"].shape[1] for b in batches]
-    assert len(batches) < 4 and set(lengths) <= set(packing.row_lengths(512)) and fast.recorded_lengths == set(lengths)
+    assert len(batches) < 4 and set(lengths) <= set(fast.row_plan) <= set(packing.row_lengths(512))
     padded = loss_and_grads(model, [make_batch(ex[i:i + 2], 0, "cpu") for i in range(0, 8, 2)])
     dealt = loss_and_grads(model, batches)
     assert dealt[1] == padded[1]

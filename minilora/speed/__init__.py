@@ -110,7 +110,7 @@ class Speed:
     triton: bool
     compile: bool
     graphs: bool
-    recorded_lengths: set[int] = field(default_factory=set)  # padding-free under graphs: the row lengths taken so far
+    row_plan: list[int] = field(default_factory=list)  # padding-free under graphs: the run's row lengths (plan_rows)
     loss: Callable = causal_lm_loss  # what the micro-step and the eval call: with compiled chunks once attached
     host_embedding: HostEmbedding | None = None
 
@@ -148,16 +148,25 @@ class Speed:
         return (f"compile: off for this run ({run_tokens:,} tokens to train; for this model compiling pays from about "
                 f"{pays_from:,}); --compile on compiles anyway")
 
+    def plan_rows(self, step_examples: Callable[[int], list], steps: int, longest: int) -> None:
+        """Padding-free under CUDA graphs: choose the few row lengths of the run (padding_free.plan_lengths) from
+        `step_examples(i)`, the examples of its i-th step, for up to PLAN_STEPS of its `steps`; `longest`: the
+        longest example. Without this plan a step may take any of row_lengths'."""
+        if self.padding_free and self.deal and self.graphs:
+            sample = [step_examples(i) for i in range(0, steps, max(1, steps // pf.PLAN_STEPS))]
+            self.row_plan = pf.plan_lengths(sample, self.row_tokens, longest, steps)
+
     def make_batches(self, micro_batches: list[list], pad_id: int) -> list[dict]:
         """A step's micro-batches on the device; padding-free, its examples dealt into full rows, under CUDA graphs
-        into rows of a few lengths (padding_free.py)."""
+        into rows of the run's few lengths (padding_free.py)."""
         if not (self.padding_free and self.deal):
             return [self.make_batch(mb, pad_id) for mb in micro_batches]
         examples = [e for mb in micro_batches for e in mb]
         if not self.graphs:
             return [self.make_batch(row, pad_id) for row in pf.deal(examples, self.row_tokens)]
+        lengths = self.row_plan or pf.row_lengths(self.row_tokens)
         return [make_batch(row, pad_id, self.device, True, lambda n, length=length: length, self.host_embedding)
-                for row, length in pf.deal_to_lengths(examples, self.row_tokens, self.recorded_lengths)]
+                for row, length in pf.deal_to_lengths(examples, lengths)]
 
     def make_batch(self, examples, pad_id: int, training: bool = True) -> dict:
         """A micro-batch as these choices want it: padded or padding-free; under CUDA graphs (training only) padded

@@ -25,15 +25,17 @@ each: every rank must make the same number of passes, for the shards' gathers.
 Under CUDA graphs (graphs.py) each row length is one more recording, so rows are padded to a few
 lengths, the padding one more example of its own whose labels are all IGNORE, and `cu_seqlens` to
 a power-of-two count (zero-length examples at its end). The kernel's launch covers the row's whole
-length for each example, so that bound is fixed too. Which lengths: `deal_to_lengths` picks, for
-each step, the row lengths (multiples of capacity/8) with the fewest tokens that its examples can
-be dealt into, counting a length not yet recorded as a quarter row more. A recording costs about a
-step and a half of GPU time, so a new length pays only where it is used often; the quarter row, the
-saving asked of it in the step where it first comes, was the best or near it of the penalties
-tried on several spreads of lengths (bench/NOTES.md, section 18). Rows of more than 7 examples take
-more `cu_seqlens` slots, another shape the penalty does not count (the seeds' rows hold 2-7). On
-the 1.5B job's records this fills ~95% of the rows' tokens with 3-4 lengths, where first-fit rows
-padded to multiples of 1024 filled 91.6% with 4.
+length for each example, so that bound is fixed too. Which lengths: the trainer knows every
+step's examples before it starts (the order is seeded), so `plan_lengths` chooses them once for
+the whole run, from row_lengths' multiples of capacity/8: the set that costs least over the
+run's steps, in the time of a padded token, counting ROW_TOKENS for each row and RECORDING_TOKENS
+for each length's recording (fitted to the 1.5B job's steps, bench/NOTES.md, section 20). Each step then
+deals its examples into the rows of those lengths with the fewest tokens (`deal_to_lengths`).
+Every length is recorded where a step first takes it, which on the seeds' data is within the
+first few steps, and no later step waits for a recording. Rows of more than 7 examples take more
+`cu_seqlens` slots, another shape the plan does not count (the seeds' rows hold 2-7). On the 1.5B
+job's records this fills ~96% of the rows' tokens with 3 lengths, where first-fit rows padded to
+multiples of 1024 filled 91.6% with 4.
 """
 from __future__ import annotations
 
@@ -49,6 +51,13 @@ from ..loss import IGNORE
 MIN_SLOTS = 8  # cu_seqlens holds a power of two of examples, at least this many: few shapes to record
 LENGTHS = 8  # under CUDA graphs a row is padded to a multiple of its capacity / LENGTHS (rounded up to 64 tokens)
 SEARCH_LIMIT = 2000  # deal_to_lengths tries at most this many choices of lengths, each dealing at most this many times
+# What the rows' choices weigh, in the time of a padded token (bench/NOTES.md, section 20: fitted to the 1.5B job's
+# steady steps on an H100, 1.8 ms rms): each row costs ROW_TOKENS more than its tokens (the 4-bit weights dequantized
+# for each pass, kernels too small to fill the GPU), and a length's first-use recording RECORDING_TOKENS more than a
+# replay (its host pass). A larger model's token takes longer, so its recordings cost fewer tokens than this.
+ROW_TOKENS = 640
+RECORDING_TOKENS = 8192
+PLAN_STEPS = 64  # plan_lengths deals at most this many of the run's steps, evenly spread, for each set it weighs
 
 
 def row_lengths(capacity: int) -> list[int]:
@@ -164,37 +173,61 @@ def deal(examples: list, capacity: int) -> list[list]:
     return rows
 
 
-def deal_to_lengths(examples: list, capacity: int, recorded: set[int]) -> list[tuple[list, int]]:
-    """A step's examples in rows under CUDA graphs, each with the length it is padded to: the choice of
-    `row_lengths(capacity)` with the fewest tokens, a length not in `recorded` counting capacity/4 more (the module's
-    docstring says why), that the examples can be dealt into. First-fit decreasing gives the choice to beat; then
-    every choice of as many rows as the tokens need, or one more, is tried, cheapest first. Adds the lengths taken to
-    `recorded`."""
-    ladder, penalty = row_lengths(capacity), capacity // 4
+def plan_lengths(steps: list[list], capacity: int, longest: int, run_steps: int) -> list[int]:
+    """The row lengths of a whole run under CUDA graphs, from `steps`, the examples of (a sample of) its `run_steps`
+    steps: of `row_lengths(capacity)`, the set that costs least, its steps' rows as deal_to_lengths costs them (the
+    sample's, scaled to the run) and RECORDING_TOKENS for each length. A local search: from the capacity alone,
+    the one change that saves most (a length added, dropped, or put in place of another), until none does. The longest length kept holds `longest` (the longest
+    example). ~0.02-0.1 s on the host for 64 steps of 8 examples."""
+    ladder, scale = row_lengths(capacity), run_steps / max(1, len(steps))
 
-    def cost(lengths) -> int:
-        return sum(lengths) + penalty * len(set(lengths) - recorded)
+    def cost(lengths) -> float:
+        return sum(rows_cost(deal_to_lengths(step, lengths)) for step in steps) * scale + RECORDING_TOKENS * len(lengths)
+
+    chosen = [capacity]
+    best = cost(chosen)
+    while True:
+        others = [[u] for u in ladder if u not in chosen]
+        options = [chosen + u for u in others]  # one length more
+        options += [[v for v in chosen if v != t] + u for t in chosen for u in [[], *others]]  # one fewer, or swapped
+        cheapest, option = min((cost(o), o) for o in map(sorted, options) if o and o[-1] >= longest)
+        if cheapest >= best:
+            return chosen
+        best, chosen = cheapest, option
+
+
+def rows_cost(rows: list[tuple[list, int]]) -> int:
+    """A step's rows (deal_to_lengths's), in the time of a padded token: their tokens, and ROW_TOKENS a row."""
+    return sum(length + ROW_TOKENS for _, length in rows)
+
+
+def deal_to_lengths(examples: list, lengths: list[int]) -> list[tuple[list, int]]:
+    """A step's examples in rows, each with the length it is padded to, one of `lengths` (ascending, the run's:
+    plan_lengths): the choice of lengths that costs least (rows_cost) that the examples can be dealt into. First-fit
+    decreasing into rows of the longest length, each padded to the shortest that holds it, gives the choice to beat;
+    then every choice of as many rows as the tokens need, or one more, is tried, cheapest first."""
+    capacity = lengths[-1]
+
+    def shortest(n: int) -> int:  # the shortest of the lengths that holds n tokens (n itself past the longest)
+        return next((t for t in lengths if t >= n), n)
 
     longest_first = sorted(examples, key=lambda e: -len(e.input_ids))
     rows = deal(longest_first, capacity)
-    best = [row_length(sum(len(e.input_ids) for e in r), capacity) for r in rows], rows
+    best = [shortest(sum(len(e.input_ids) for e in r)) for r in rows], rows
     total = sum(len(e.input_ids) for e in examples)
     fewest = -(-total // capacity)
     for k in (fewest, fewest + 1):
-        if comb(len(ladder) + k - 1, k) > SEARCH_LIMIT or len(examples) > 100:
+        if comb(len(lengths) + k - 1, k) > SEARCH_LIMIT or len(examples) > 100:
             break  # a step of many rows or examples (the search recurses once per example): first-fit's rows
-        choices = sorted((c for c in combinations_with_replacement(ladder, k) if sum(c) >= total), key=cost)
-        for lengths in choices:
-            if cost(lengths) >= cost(best[0]):
+        choices = sorted((c for c in combinations_with_replacement(lengths, k) if sum(c) >= total), key=sum)
+        for choice in choices:  # k rows each: the fewest tokens is the least cost
+            if sum(choice) + ROW_TOKENS * k >= sum(best[0]) + ROW_TOKENS * len(best[0]):
                 break
-            longest_row_first = lengths[::-1]  # combinations_with_replacement lists each choice shortest first
+            longest_row_first = choice[::-1]  # combinations_with_replacement lists each choice shortest first
             if (dealt := _deal_into(longest_first, longest_row_first)) is not None:
                 best = longest_row_first, dealt
                 break
-    lengths, rows = best
-    dealt = [(r, length) for r, length in zip(rows, lengths) if r]
-    recorded.update(length for _, length in dealt)
-    return dealt
+    return [(r, length) for r, length in zip(best[1], best[0]) if r]
 
 
 def _deal_into(examples: list, lengths: list[int]) -> list[list] | None:
