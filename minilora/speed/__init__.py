@@ -153,7 +153,7 @@ class Speed:
         `step_examples(i)`, the examples of its i-th step, for up to PLAN_STEPS of its `steps`; `longest`: the
         longest example. Without this plan a step may take any of row_lengths'."""
         if self.padding_free and self.deal and self.graphs:
-            sample = [step_examples(i) for i in range(0, steps, max(1, steps // pf.PLAN_STEPS))]
+            sample = [step_examples(i) for i in range(0, steps, -(-steps // pf.PLAN_STEPS))]
             self.row_plan = pf.plan_lengths(sample, self.row_tokens, longest, steps)
 
     def make_batches(self, micro_batches: list[list], pad_id: int) -> list[dict]:
