@@ -240,3 +240,28 @@ def test_evaluate_runs_without_autograd(tmp_path, monkeypatch):
         assert loss_value > 0
     assert modes and not any(modes)
     assert model.training  # evaluate puts the mode back
+
+
+def test_the_row_plan_sees_the_steps_the_run_trains(tmp_path, monkeypatch):
+    """The trainer plans its rows (speed.Speed.plan_rows, under CUDA graphs) from the steps to come: what it hands the
+    plan as step i is what step i trains on, across an epoch's end, and the longest example is the data's. (The plan
+    runs only under CUDA graphs; here the trainer's side of it is recorded on the CPU.)"""
+    from minilora import speed
+    from minilora import train as T
+    from test_train import tiny_run_args
+
+    planned, trained, make_batches = {}, [], speed.Speed.make_batches
+
+    def plan_rows(self, step_examples, steps, longest):
+        planned.update(steps=steps, longest=longest, each=[[e.input_ids for e in step_examples(i)]
+                                                           for i in range(steps)])
+
+    def recorded_make_batches(self, micro_batches, pad_id):
+        trained.append([e.input_ids for mb in micro_batches for e in mb])
+        return make_batches(self, micro_batches, pad_id)
+
+    monkeypatch.setattr(speed.Speed, "plan_rows", plan_rows)
+    monkeypatch.setattr(speed.Speed, "make_batches", recorded_make_batches)
+    T.train(T.parse_config(tiny_run_args(tmp_path, tmp_path / "out", max_steps=12, dropout=0.0)))  # 9 steps an epoch
+    assert planned["steps"] == len(trained) == 12 and planned["each"] == trained
+    assert planned["longest"] == max(len(ids) for step in trained[:9] for ids in step)  # an epoch: every example
