@@ -67,10 +67,10 @@ def row_lengths(capacity: int) -> list[int]:
     return sorted({min(unit * j, capacity) for j in range(1, LENGTHS + 1)})
 
 
-def row_length(n: int, capacity: int) -> int:
-    """The shortest of `row_lengths(capacity)` that holds n tokens (a lone row, not dealt: deal_to_lengths); n itself
-    past the capacity."""
-    return next((length for length in row_lengths(capacity) if length >= n), n)
+def row_length(n: int, capacity: int, lengths: list[int] | None = None) -> int:
+    """The shortest of `lengths` (ascending; `row_lengths(capacity)` if None) that holds n tokens; n itself past the
+    longest. A lone row, not dealt, is padded so; deal_to_lengths pads its first-fit rows so."""
+    return next((length for length in lengths or row_lengths(capacity) if length >= n), n)
 
 
 @dataclass(frozen=True)
@@ -208,13 +208,9 @@ def deal_to_lengths(examples: list, lengths: list[int]) -> list[tuple[list, int]
     decreasing into rows of the longest length, each padded to the shortest that holds it, gives the choice to beat;
     then every choice of as many rows as the tokens need, or one more, is tried, cheapest first."""
     capacity = lengths[-1]
-
-    def shortest(n: int) -> int:  # the shortest of the lengths that holds n tokens (n itself past the longest)
-        return next((t for t in lengths if t >= n), n)
-
     longest_first = sorted(examples, key=lambda e: -len(e.input_ids))
     rows = deal(longest_first, capacity)
-    best = [shortest(sum(len(e.input_ids) for e in r)) for r in rows], rows
+    best = [row_length(sum(len(e.input_ids) for e in r), capacity, lengths) for r in rows], rows
     total = sum(len(e.input_ids) for e in examples)
     fewest = -(-total // capacity)
     for k in (fewest, fewest + 1):
