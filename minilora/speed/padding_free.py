@@ -52,7 +52,7 @@ MIN_SLOTS = 8  # cu_seqlens holds a power of two of examples, at least this many
 LENGTHS = 8  # under CUDA graphs a row is padded to a multiple of its capacity / LENGTHS (rounded up to 64 tokens)
 SEARCH_LIMIT = 2000  # deal_to_lengths tries at most this many choices of lengths, each dealing at most this many times
 # What the rows' choices weigh, in the time of a padded token (bench/NOTES.md, section 20: fitted to the 1.5B job's
-# steady steps on an H100, 1.8 ms rms): each row costs ROW_TOKENS more than its tokens (the 4-bit weights dequantized
+# steady steps on an H100, 1.9 ms rms): each row costs ROW_TOKENS more than its tokens (the 4-bit weights dequantized
 # for each pass, kernels too small to fill the GPU), and a length's first-use recording RECORDING_TOKENS more than a
 # replay (its host pass). A larger model's token takes longer, so its recordings cost fewer tokens than this.
 ROW_TOKENS = 640
