@@ -56,7 +56,7 @@ SEARCH_LIMIT = 2000  # deal_to_lengths tries at most this many choices of length
 # for each pass, kernels too small to fill the GPU), and a length's first-use recording RECORDING_TOKENS more than a
 # replay (its host pass). A larger model's token takes longer, so its recordings cost fewer tokens than this.
 ROW_TOKENS = 640
-RECORDING_TOKENS = 8192
+RECORDING_TOKENS = 12288
 PLAN_STEPS = 64  # plan_lengths deals at most this many of the run's steps, evenly spread, for each set it weighs
 
 
