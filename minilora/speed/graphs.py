@@ -89,8 +89,10 @@ class GraphedMicroBatches:
         inputs = replay_inputs(batch)
         shape = tuple((k, tuple(t.shape)) for k, t in inputs.items())
         if shape not in self.recorded:
-            if not self.seen or (self.offload and shape not in self.seen):  # the run's first micro-batch: the warm-up
-                recorded = None  # (above); under --offload each shape's first, which allocates its page-locked buffers
+            # uncaptured: the run's first micro-batch, the warm-up (above); under --offload, each shape's first run,
+            # which allocates its page-locked host buffers
+            if not self.seen or (self.offload and shape not in self.seen):
+                recorded = None
             elif shape in self.seen:  # it ran once already, without a graph
                 recorded = self._record(batch, inv_n)
             else:  # its first time: recorded, unless the recording would compile

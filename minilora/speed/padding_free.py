@@ -178,7 +178,7 @@ def plan_lengths(steps: list[list], capacity: int, longest: int, run_steps: int)
     steps: of `row_lengths(capacity)`, the set that costs least, its steps' rows as deal_to_lengths costs them (the
     sample's, scaled to the run) and RECORDING_TOKENS for each length. A local search: from the capacity alone,
     the one change that saves most (a length added, dropped, or put in place of another), until none does. The
-    longest length kept holds `longest` (the longest example). ~0.02-0.1 s on the host for 64 steps of 8 examples."""
+    longest length kept holds `longest` (the longest example). ~0.02-0.2 s on the host for 64 steps of 8 examples."""
     ladder, scale = row_lengths(capacity), run_steps / max(1, len(steps))
 
     def cost(lengths) -> float:
